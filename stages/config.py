@@ -1,0 +1,307 @@
+"""``params.yaml``: the single source of truth, loaded by one typed loader.
+
+Each top-level section of ``params.yaml`` maps onto a frozen dataclass below. The loader rejects unknown keys, wrong
+types and out-of-range values with a message that names the dotted key (``teacher.lr: expected float > 0, got -1``).
+
+Profiles. ``params.yaml`` holds the default profile in its sections, and ``profiles.<name>`` holds partial overrides
+(same shape as the sections) that are deep-merged on top when ``profile: <name>`` is selected. ``dvc exp run -S
+profile=smoke`` therefore switches the whole pipeline, and ``dvc exp run -S distill.steps=500`` changes one value of
+the default profile.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from stages.common import StageError
+
+
+def _rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+
+
+def _f(default: Any, **rng: Any) -> Any:
+    """A dataclass field with a default and an optional range (see :func:`_rng`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=_rng(**rng) if rng else {})
+    return field(default=default, metadata=_rng(**rng) if rng else {})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections.
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    """Shared by every stage."""
+
+    seed: int = _f(0, lo=0)
+    sigma_data: float = _f(0.5, lo=0.0, lo_open=True)  # σ_d, paper §3 (0.5 in every experiment)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    scales: tuple[str, ...] = ("cpu-xs", "cpu-s")  # model scales run by the per-scale stages
+    threads: int = _f(0, lo=0)  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """stages/data.py: raw images -> Parquet (image bytes, label, split) + manifest."""
+
+    source: Literal["mnist5k", "mnist", "cifar10", "imagefolder"] = "mnist5k"
+    root: str = ""  # download/cache dir for torchvision sources, or the class-folder tree for imagefolder
+    image_size: int = _f(0, lo=0)  # 0 = keep the source's size; else resize (square) to this
+    channels: int = _f(0, lo=0, hi=3)  # 0 = keep; 1 = grayscale; 3 = RGB
+    eval_fraction: float = _f(0.2, lo=0.0, hi=1.0, lo_open=True, hi_open=True)  # held-out split for evaluation
+    max_images: int = _f(0, lo=0)  # 0 = all
+
+
+@dataclass(frozen=True)
+class ClassifierParams:
+    """stages/classifier.py: the domain feature extractor behind ``fid_clf`` (trained on the training split)."""
+
+    steps: int = _f(300, lo=1)
+    batch_size: int = _f(128, lo=1)
+    lr: float = _f(2e-3, lo=0.0, lo_open=True)
+    width: int = _f(32, lo=1)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """stages/evaluate.py: FID/KID/precision-recall (torch-fidelity) and sampling speed."""
+
+    kid_subset_size: int = _f(100, lo=2)
+    inception_weights: str = ""  # local pt_inception-2015-12-05 .pth; "" = let torch-fidelity download it
+    inception: Literal["auto", "off"] = "auto"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loader.
+
+SECTIONS: dict[str, type] = {
+    "base": BaseParams,
+    "data": DataParams,
+    "classifier": ClassifierParams,
+    "evaluate": EvaluateParams,
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """All sections, resolved for one profile."""
+
+    profile: str
+    sections: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:  # params.teacher, params.base, ...
+        try:
+            return self.sections[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile, **{k: to_plain(v) for k, v in self.sections.items()}}
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass (or nested container) as plain YAML/JSON-able Python."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (tuple, list):
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form or raise StageError."""
+    origin = get_origin(tp)
+    bad = StageError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except StageError:
+                pass
+        raise bad
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (elem,) = get_args(tp)[:1]
+        return tuple(_coerce(f"{key}[{i}]", v, elem) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(key, tp, value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise StageError(f"{key}: expected a finite float, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _check_range(key: str, value: Any, meta: dict) -> None:
+    if not meta or value is None:
+        return
+    values = value if isinstance(value, tuple) else (value,)
+    lo, hi = meta.get("lo"), meta.get("hi")
+    for v in values:
+        if not isinstance(v, (int, float)):
+            continue
+        too_low = lo is not None and (v <= lo if meta["lo_open"] else v < lo)
+        too_high = hi is not None and (v >= hi if meta["hi_open"] else v > hi)
+        if too_low or too_high:
+            lo_s = "" if lo is None else f"{'>' if meta['lo_open'] else '>='} {lo}"
+            hi_s = "" if hi is None else f"{'<' if meta['hi_open'] else '<='} {hi}"
+            raise StageError(f"{key}: expected a value {' and '.join(s for s in (lo_s, hi_s) if s)}, got {v!r}")
+
+
+def _build(prefix: str, cls: type, raw: Any) -> Any:
+    """Construct the frozen dataclass ``cls`` from a mapping, naming any offending key by its dotted path."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise StageError(f"{prefix}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise StageError(f"{prefix}.{unknown[0]}: unknown key (accepted: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}"
+        value = _coerce(key, value, hints[name])
+        _check_range(key, value, dict(fields[name].metadata))
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(prefix)
+    return obj
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` merged into a copy of ``base`` (mappings recursively, everything else replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve(raw: dict, profile: str | None = None, overrides: dict | None = None) -> Params:
+    """Resolve a parsed ``params.yaml`` mapping into typed :class:`Params`.
+
+    ``profile`` (default: the file's ``profile`` key) selects ``profiles.<name>``; ``overrides`` (a nested mapping)
+    is applied last, as ``-S key=value`` would be.
+    """
+    if not isinstance(raw, dict):
+        raise StageError("params: expected a mapping at the top level")
+    allowed = set(SECTIONS) | {"profile", "profiles"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise StageError(f"{unknown[0]}: unknown top-level key (accepted: {', '.join(sorted(allowed))})")
+    profiles = raw.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise StageError("profiles: expected a mapping of profile name -> overrides")
+    profile = profile if profile is not None else raw.get("profile", "default")
+    if not isinstance(profile, str):
+        raise StageError(f"profile: expected a string, got {profile!r}")
+    names = ["default", *sorted(profiles)]
+    if profile != "default" and profile not in profiles:
+        raise StageError(f"profile: unknown profile {profile!r} (accepted: {', '.join(names)})")
+    merged = {k: raw.get(k) or {} for k in SECTIONS}
+    if profile != "default":
+        for k in profiles[profile] or {}:
+            if k not in SECTIONS:
+                raise StageError(f"profiles.{profile}.{k}: unknown section (accepted: {', '.join(SECTIONS)})")
+        merged = deep_merge(merged, profiles[profile] or {})
+    if overrides:
+        for k in overrides:
+            if k not in SECTIONS:
+                raise StageError(f"{k}: unknown section (accepted: {', '.join(SECTIONS)})")
+        merged = deep_merge(merged, overrides)
+    sections = {name: _build(name, cls, merged[name]) for name, cls in SECTIONS.items()}
+    for name in profiles:  # every profile must itself be valid, so a typo in an unused profile is still caught
+        if name != profile:
+            for k, v in (profiles[name] or {}).items():
+                if k not in SECTIONS:
+                    raise StageError(f"profiles.{name}.{k}: unknown section (accepted: {', '.join(SECTIONS)})")
+                _build(f"profiles.{name}.{k}", SECTIONS[k], deep_merge(to_plain(_build(k, SECTIONS[k], raw.get(k) or {})), v or {}))
+    return Params(profile=profile, sections=sections)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["distill.steps=500", "base.scales=[cpu-xs]"]`` -> nested mapping (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise StageError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def load(path: str | Path = "params.yaml", profile: str | None = None, overrides: list[str] | dict | None = None) -> Params:
+    """Load and validate ``params.yaml`` (see :func:`resolve`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise StageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    return resolve(raw, profile, overrides)

@@ -1,0 +1,366 @@
+"""Networks F_θ(x̂, c_noise(t)) for TrigFlow, with the stability changes of sCM v2 §4.1.
+
+Both networks take ``(x_hat, t, class_labels=None)`` where x̂ = x_t/σ_d and return F of x̂'s shape. They use
+- c_noise(t) = t (§4.1 (1)): ``t`` goes into the embedding unscaled;
+- a positional (sinusoidal) time embedding (§4.1 (2)), always computed in float32;
+- adaptive double normalisation y = norm(x)⊙pnorm(s(t)) + pnorm(b(t)) (§4.1 (3));
+- GroupNorm, never BatchNorm: BatchNorm's in-place running statistics break ``torch.func.jvp`` (§4.1 (4));
+- attention through a pluggable op: ``"math"`` (explicit softmax, supports forward-mode AD everywhere) or ``"sdpa"``
+  (PyTorch's fused kernels, which lack forward-mode AD on some backends, §4.1 (5)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor, nn
+
+# ---------------------------------------------------------------------------------------------------------------
+# Primitives.
+
+
+def pnorm(a: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pixel norm over channels (dim 1), a/√(mean_c(a²) + ε) (PGGAN; used by sCM v2 §4.1 (3))."""
+    return a / torch.sqrt(a.square().mean(dim=1, keepdim=True) + eps)
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding of c_noise(t) = t (sCM v2 §4.1 (2)); float32 (float64 for float64 t) whatever the autocast."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.num_channels // 2
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        freqs = (1 / self.max_positions) ** (torch.arange(half, device=t.device, dtype=dtype) / half)
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            x = t.to(dtype).outer(freqs)  # (N, half)
+            return torch.cat([torch.cos(x), torch.sin(x)], dim=1)
+
+
+def attention_math(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention written out, so forward-mode AD (``torch.func.jvp``) works on every backend."""
+    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (N, heads, L, L)
+    return w @ v  # (N, heads, L, d)
+
+
+def attention_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """PyTorch's fused scaled-dot-product attention: fast, but no forward-mode AD on some backends."""
+    return nnf.scaled_dot_product_attention(q, k, v)
+
+
+ATTENTION_OPS = {"math": attention_math, "sdpa": attention_sdpa}
+
+
+def set_attention_op(net: nn.Module, op: str) -> None:
+    """Select the attention op of every :class:`Attention` in ``net``."""
+    if op not in ATTENTION_OPS:
+        raise ValueError(f"attention op must be one of {', '.join(ATTENTION_OPS)}, got {op!r}")
+    for m in net.modules():
+        if isinstance(m, Attention):
+            m.op = op
+
+
+@contextlib.contextmanager
+def attention_op(net: nn.Module, op: str) -> Iterator[None]:
+    """Temporarily switch every attention layer of ``net`` to ``op`` (e.g. ``"math"`` for the JVP pass)."""
+    saved = [(m, m.op) for m in net.modules() if isinstance(m, Attention)]
+    set_attention_op(net, op)
+    try:
+        yield
+    finally:
+        for m, o in saved:
+            m.op = o
+
+
+class AdaDoubleNorm(nn.Module):
+    """Adaptive double normalisation y = GN(x)⊙pnorm(s(emb)) + pnorm(b(emb)) (sCM v2 §4.1 (3))."""
+
+    def __init__(self, channels: int, emb_channels: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, affine=False)
+        self.scale = nn.Linear(emb_channels, channels)
+        self.shift = nn.Linear(emb_channels, channels)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        s = pnorm(self.scale(emb))
+        b = pnorm(self.shift(emb))
+        shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+        return self.norm(x) * s.reshape(shape) + b.reshape(shape)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a pluggable op."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int, op: str = "math"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, channels * 3, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        self.op = op
+
+    def forward(self, x: Tensor) -> Tensor:
+        N, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(N, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (N, heads, HW, d)
+        y = ATTENTION_OPS[self.op](q, k, v)  # (N, heads, HW, d)
+        return x + self.proj(y.transpose(-1, -2).reshape(N, C, H, W))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, then AdaDoubleNorm(emb)-SiLU-dropout-conv, plus a (1×1) skip; optional attention."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, *, dropout: float, groups: int, attention: bool, num_heads: int):
+        super().__init__()
+        self.norm0 = nn.GroupNorm(min(groups, in_ch), in_ch)
+        self.conv0 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm1 = AdaDoubleNorm(out_ch, emb_ch, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.attn = Attention(out_ch, num_heads, groups) if attention else None
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv0(nnf.silu(self.norm0(x)))
+        h = self.conv1(self.dropout(nnf.silu(self.norm1(h, emb))))
+        x = self.skip(x) + h
+        return self.attn(x) if self.attn is not None else x
+
+
+class Conditioning(nn.Module):
+    """emb = MLP(PosEmb(t)) (+ label embedding): the shared conditioning vector of every block."""
+
+    def __init__(self, base_channels: int, emb_channels: int, num_classes: int):
+        super().__init__()
+        self.pos = PositionalEmbedding(base_channels)
+        self.mlp = nn.Sequential(nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+        self.num_classes = num_classes
+        # Index num_classes is the "no label" token (label dropout / classifier-free guidance).
+        self.label = nn.Embedding(num_classes + 1, emb_channels) if num_classes > 0 else None
+
+    def forward(self, t: Tensor, class_labels: Tensor | None) -> Tensor:
+        emb = self.mlp(self.pos(t))
+        if self.label is not None:
+            if class_labels is None:
+                class_labels = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
+            emb = emb + self.label(class_labels)
+        return nnf.silu(emb)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# U-Net for images (pixels or autoencoder latents).
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """A U-Net shape. ``attn_levels`` are indices into ``channel_mult`` (level 0 = full resolution)."""
+
+    in_channels: int = 1
+    model_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_blocks: int = 1
+    attn_levels: tuple[int, ...] = ()
+    num_heads: int = 1
+    dropout: float = 0.0
+    num_classes: int = 0
+    groups: int = 8
+
+    def validate(self) -> None:
+        for name in ("in_channels", "model_channels", "num_blocks", "num_heads", "groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"UNetConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"UNetConfig.channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult}")
+        for c in (self.model_channels * m for m in self.channel_mult):
+            if c % self.groups or c % self.num_heads:
+                raise ValueError(f"UNetConfig: every width ({c}) must be divisible by groups={self.groups} and num_heads={self.num_heads}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
+        if any(not 0 <= i < len(self.channel_mult) for i in self.attn_levels):
+            raise ValueError(f"UNetConfig.attn_levels must index channel_mult (0..{len(self.channel_mult) - 1}), got {self.attn_levels}")
+
+
+class UNet(nn.Module):
+    """F_θ(x̂, t) on (N, C, H, W); any H, W (skips are matched by nearest upsampling to the skip's size)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        C, emb_ch = cfg.model_channels, cfg.model_channels * 4
+        block = dict(emb_ch=emb_ch, dropout=cfg.dropout, groups=cfg.groups, num_heads=cfg.num_heads)
+        self.cond = Conditioning(C, emb_ch, cfg.num_classes)
+        self.conv_in = nn.Conv2d(cfg.in_channels, C, 3, padding=1)
+        self.down = nn.ModuleList()
+        skips, ch = [C], C
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_blocks):
+                self.down.append(ResBlock(ch, C * mult, attention=level in cfg.attn_levels, **block))
+                ch = C * mult
+                skips.append(ch)
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(nn.AvgPool2d(2))
+                skips.append(ch)
+        self.mid = nn.ModuleList([ResBlock(ch, ch, attention=True, **block), ResBlock(ch, ch, attention=False, **block)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for _ in range(cfg.num_blocks + 1):
+                self.up.append(ResBlock(ch + skips.pop(), C * mult, attention=level in cfg.attn_levels, **block))
+                ch = C * mult
+            if level > 0:
+                self.up.append(nn.Upsample(scale_factor=2.0, mode="nearest"))
+        self.norm_out = nn.GroupNorm(cfg.groups, ch)
+        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+
+    def forward(self, x_hat: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        emb = self.cond(t, class_labels)
+        h = self.conv_in(x_hat)
+        hs = [h]
+        for m in self.down:
+            h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+            hs.append(h)
+        for m in self.mid:
+            h = m(h, emb)
+        for m in self.up:
+            if isinstance(m, ResBlock):
+                skip = hs.pop()
+                if h.shape[-2:] != skip.shape[-2:]:  # odd sizes: 7 -> 3 -> 6 is matched back to 7
+                    h = nnf.interpolate(h, size=skip.shape[-2:], mode="nearest")
+                h = m(torch.cat([h, skip], dim=1), emb)
+            else:
+                h = m(h)
+        return self.conv_out(nnf.silu(self.norm_out(h)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLP for low-dimensional data.
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    dim: int = 2
+    width: int = 128
+    depth: int = 3
+    dropout: float = 0.0
+    num_classes: int = 0
+    groups: int = 8
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, width: int, emb_ch: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm = AdaDoubleNorm(width, emb_ch, groups)
+        self.linear = nn.Linear(width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        return h + self.linear(self.dropout(nnf.silu(self.norm(h, emb))))
+
+
+class MLP(nn.Module):
+    """F_θ(x̂, t) on (N, D): residual blocks with adaptive double normalisation."""
+
+    def __init__(self, cfg: MLPConfig):
+        super().__init__()
+        if cfg.width % cfg.groups:
+            raise ValueError(f"MLPConfig.width ({cfg.width}) must be divisible by groups ({cfg.groups})")
+        self.cfg = cfg
+        self.cond = Conditioning(cfg.width, cfg.width, cfg.num_classes)
+        self.inp = nn.Linear(cfg.dim, cfg.width)
+        self.blocks = nn.ModuleList([MLPBlock(cfg.width, cfg.width, cfg.dropout, cfg.groups) for _ in range(cfg.depth)])
+        self.norm_out = nn.GroupNorm(cfg.groups, cfg.width)
+        self.out = nn.Linear(cfg.width, cfg.dim)
+
+    def forward(self, x_hat: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        emb = self.cond(t, class_labels)
+        h = self.inp(x_hat)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(nnf.silu(self.norm_out(h)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adaptive weighting head w_φ(t) (sCM v2 §4.2, App. D; EDM2's uncertainty weighting).
+
+
+class AdaptiveWeight(nn.Module):
+    """w_φ(t) = Linear(Fourier(log tan t)), initialised to 0 so training starts unweighted.
+
+    The head sees the log-SNR-like log(tan t) = log(σ/σ_d) through fixed random Fourier features (EDM2's logvar
+    head), which resolves both ends of [0, π/2]; it is not differentiated by the JVP, so c_noise(t) = t does not apply.
+    """
+
+    def __init__(self, channels: int = 128):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("freqs", torch.randn(channels, generator=g))
+        self.register_buffer("phases", torch.rand(channels, generator=g))
+        self.linear = nn.Linear(channels, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: Tensor) -> Tensor:
+        x = torch.log(torch.tan(t.float()).clamp(1e-4, 1e4))  # (N,)
+        emb = torch.cos(2 * math.pi * (x.outer(self.freqs) + self.phases)) * math.sqrt(2)  # (N, C)
+        return self.linear(emb).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Named model scales.
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A named U-Net width. CPU scales fit this project's 2-core default; S..XXL are the paper's widths."""
+
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_blocks: int
+    attn_levels: tuple[int, ...] = ()
+    num_heads: int = 1
+    note: str = field(default="", compare=False)
+
+
+SCALES: dict[str, Scale] = {
+    # CPU scales for 28x28 pixels or 4x7x7 latents (this project's default study).
+    "cpu-xs": Scale(16, (1, 2), 1, note="CPU smoke / tiny"),
+    "cpu-s": Scale(32, (1, 2), 1, note="CPU default, small"),
+    "cpu-m": Scale(48, (1, 2), 2, attn_levels=(1,), note="CPU default, medium"),
+    "cpu-l": Scale(64, (1, 2, 2), 2, attn_levels=(1, 2), num_heads=2, note="CPU, large"),
+    # The paper's ImageNet widths (App. G, Table 4; EDM2 configs): 192/256/320/384/448 channels. Parameter counts
+    # of *this* U-Net at those widths differ from the paper's EDM2 networks (see README).
+    "S": Scale(192, (1, 2, 3, 4), 3, attn_levels=(2, 3), num_heads=3, note="paper S (IN512/IN64)"),
+    "M": Scale(256, (1, 2, 3, 4), 3, attn_levels=(2, 3), num_heads=4, note="paper M"),
+    "L": Scale(320, (1, 2, 3, 4), 3, attn_levels=(2, 3), num_heads=5, note="paper L"),
+    "XL": Scale(384, (1, 2, 3, 4), 3, attn_levels=(2, 3), num_heads=6, note="paper XL"),
+    "XXL": Scale(448, (1, 2, 3, 4), 3, attn_levels=(2, 3), num_heads=7, note="paper XXL"),
+}
+
+
+def unet_config(scale: str, *, in_channels: int, dropout: float = 0.0, num_classes: int = 0) -> UNetConfig:
+    """The :class:`UNetConfig` of a named scale."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r} (accepted: {', '.join(SCALES)})")
+    s = SCALES[scale]
+    return UNetConfig(in_channels=in_channels, model_channels=s.model_channels, channel_mult=s.channel_mult,
+                      num_blocks=s.num_blocks, attn_levels=s.attn_levels, num_heads=s.num_heads, dropout=dropout,
+                      num_classes=num_classes, groups=8)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def scale_param_count(scale: str, in_channels: int = 4) -> int:
+    """Parameter count of a scale's U-Net, built on the meta device (no memory, so XXL is cheap to count)."""
+    with torch.device("meta"):
+        return count_params(UNet(unet_config(scale, in_channels=in_channels)))

@@ -1,0 +1,312 @@
+"""Stage ``classifier``: the domain feature extractor behind ``fid_clf``, trained on the training split.
+
+Inception-v3 features are ImageNet features; on 28×28 digits they measure little and cost a lot. Like the MNIST
+FIDs in the consistency-model literature, we also compare samples in the feature space of a small CNN trained on the
+data itself: its penultimate layer feeds FID/KID/precision-recall and its logits the classifier score
+(``stages/fidelity.py``). The numbers are comparable only between runs that use the same classifier weights, so their
+sha256 is recorded and goes into every cache name.
+
+Consumes ``data/prepared`` (``train`` and ``eval`` splits via :func:`stages.data.load_split`). Produces ``OUT/``,
+replaced whole and only on success:
+
+- ``model.safetensors``: the weights; the architecture is also stored in the file's metadata, so the file alone is
+  enough to rebuild the network (:func:`load_classifier`);
+- ``classifier.json``: architecture hyperparameters, input shape ``[C, H, W]``, num_classes, held-out accuracy and the
+  sha256 of the weights;
+- ``metrics.json``: ``{"accuracy": ...}`` on the eval split; ``resolved_params.json``: params and git commit.
+
+Training is seeded (initialisation, batches and shifts all come from ``base.seed``); on CPU two runs write
+byte-identical ``model.safetensors`` and ``classifier.json``.
+
+Usage: ``python -m stages.classifier --params params.yaml --data data/prepared --out artifacts/classifier``
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from stages.common import StageError, atomic_output_dir, cli, pick_device, write_json, write_provenance
+from stages.config import BaseParams, ClassifierParams, load, to_plain
+
+WEIGHTS = "model.safetensors"
+ARCHITECTURE = "scm-cnn-v1"  # bump when Classifier changes shape, so old weight files are rejected, not misread
+WARMUP_FRACTION = 0.05  # of the steps, linear learning-rate warm-up before the cosine decay
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The network.
+
+
+class Classifier(nn.Module):
+    """Two strided convolutions, a ``feature_dim`` penultimate layer and a linear head.
+
+    Reads uint8 ``(N, C, H, W)`` images and returns ``(features, logits)``: the post-ReLU penultimate activations
+    ``(N, feature_dim)`` used for FID/KID/PRC, and the logits ``(N, num_classes)`` used for accuracy and the classifier
+    score. About 0.5 M multiply-adds per 28×28 image at ``width=32``: training fits a CPU-minute budget.
+    """
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 32, feature_dim: int = 128):
+        super().__init__()
+        self.architecture = {
+            "architecture": ARCHITECTURE,
+            "in_channels": int(in_channels),
+            "image_size": [int(image_size[0]), int(image_size[1])],
+            "num_classes": int(num_classes),
+            "width": int(width),
+            "feature_dim": int(feature_dim),
+        }
+        h, w = ((s - 1) // 4 + 1 for s in image_size)  # two stride-2 convolutions, rounding up
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=5, stride=2, padding=2)
+        self.conv2 = nn.Conv2d(width, 2 * width, kernel_size=3, stride=2, padding=1)
+        self.fc = nn.Linear(2 * width * h * w, feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.architecture["in_channels"], *self.architecture["image_size"])
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        x = images.float() / 127.5 - 1  # uint8 [0, 255] -> [-1, 1]
+        x = F.relu(self.conv1(x))  # (N, width, H/2, W/2)
+        x = F.relu(self.conv2(x))  # (N, 2·width, H/4, W/4)
+        features = F.relu(self.fc(x.flatten(1)))  # (N, feature_dim)
+        return features, self.head(features)
+
+
+def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Translate each image by its own integer offset in ``[-max_shift, max_shift]²``, filling with zeros (black)."""
+    if max_shift == 0:
+        return images
+    n, _, height, width = images.shape
+    padded = F.pad(images, (max_shift,) * 4)  # (N, C, H + 2s, W + 2s)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
+    rows = torch.arange(height)[None, :] + dy[:, None]  # (N, H)
+    cols = torch.arange(width)[None, :] + dx[:, None]  # (N, W)
+    crops = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return crops.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training and evaluation.
+
+
+def train_classifier(
+    images: Tensor, labels: Tensor, params: ClassifierParams, seed: int, *, num_classes: int, device: str = "cpu", progress: bool = False
+) -> Classifier:
+    """Adam with linear warm-up and cosine decay on random shifts of the training images; returns the net in eval mode."""
+    from tqdm import tqdm
+
+    # Initialise from the seed without touching the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = Classifier(images.shape[1], tuple(images.shape[2:]), num_classes, params.width, params.feature_dim)
+    net = net.to(device).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=params.lr)
+    generator = torch.Generator().manual_seed(seed)  # batches and shifts, drawn on the CPU whatever the device
+    warmup = max(1, round(WARMUP_FRACTION * params.steps))
+
+    bar = tqdm(range(params.steps), desc="classifier: train", unit="step", dynamic_ncols=True, disable=not progress)
+    for step in bar:
+        # Learning rate: linear warm-up, then cosine decay to zero.
+        progress_frac = (step - warmup) / max(1, params.steps - warmup)
+        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * progress_frac))
+        for group in optimizer.param_groups:
+            group["lr"] = params.lr * scale
+
+        # One step of cross-entropy on a shifted batch.
+        index = torch.randint(0, len(images), (params.batch_size,), generator=generator)
+        x = random_shift(images[index], params.max_shift, generator).to(device)
+        loss = F.cross_entropy(net(x)[1], labels[index].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 20 == 0 or step == params.steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return net.eval()
+
+
+@torch.no_grad()
+def accuracy(net: Classifier, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy of ``net`` on uint8 images, in batches."""
+    device = next(net.parameters()).device
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        logits = net(images[start : start + batch_size].to(device))[1]
+        correct += int((logits.argmax(dim=1).cpu() == labels[start : start + batch_size]).sum())
+    return correct / len(images)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weights on disk.
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_classifier(net: Classifier, path: Path) -> None:
+    """Weights as safetensors, with the architecture in the file's metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(tensors, str(path), metadata={"classifier": json.dumps(net.architecture, sort_keys=True)})
+
+
+def load_classifier(path: str | Path) -> Classifier:
+    """Rebuild a :class:`Classifier` from ``model.safetensors`` (or the directory holding it), in eval mode on the CPU.
+
+    Raises :class:`StageError`, naming the path, for a missing file, a file that is not safetensors, one without the
+    architecture metadata written by :func:`save_classifier`, or tensors whose shapes do not match that architecture.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".safetensors":
+        path = path / WEIGHTS
+    if not path.is_file():
+        raise StageError(f"{path}: classifier weights not found (run the classifier stage first)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise StageError(f"{path}: not a safetensors file ({' '.join(str(e).split())})") from None
+    try:
+        arch = json.loads(metadata["classifier"])
+        if arch.pop("architecture") != ARCHITECTURE:
+            raise ValueError("unknown architecture")
+        net = Classifier(arch["in_channels"], tuple(arch["image_size"]), arch["num_classes"], arch["width"], arch["feature_dim"])
+    except (KeyError, TypeError, ValueError):
+        raise StageError(f"{path}: no {ARCHITECTURE} architecture in its metadata (not written by stages.classifier?)") from None
+    expected = net.state_dict()
+    for name in sorted(set(expected) | set(state)):
+        if name not in state:
+            raise StageError(f"{path}: tensor {name!r} is missing (architecture {arch})")
+        if name not in expected:
+            raise StageError(f"{path}: unexpected tensor {name!r} (architecture {arch})")
+        if state[name].shape != expected[name].shape:
+            raise StageError(
+                f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, the architecture in its metadata "
+                f"expects {tuple(expected[name].shape)}"
+            )
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The stage.
+
+
+def _check_split(name: str, images: Tensor, labels: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise StageError(f"classifier: {name} images must be uint8 (N, C, H, W), got {got}")
+    if len(images) == 0:
+        raise StageError(f"classifier: the {name} split is empty")
+    if labels.shape != (len(images),) or labels.dtype != torch.int64:
+        raise StageError(f"classifier: {name} labels must be int64 ({len(images)},), got {labels.dtype} {tuple(labels.shape)}")
+    if bool((labels < 0).any()):
+        raise StageError(f"classifier: the {name} split has unlabelled images (label -1); the classifier needs class labels")
+
+
+def run(
+    params: ClassifierParams,
+    base: BaseParams,
+    train: tuple[Tensor, Tensor],
+    held_out: tuple[Tensor, Tensor],
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train on ``train`` (uint8 images, int64 labels), measure accuracy on ``held_out``, write ``out_dir``.
+
+    Returns the contents of ``classifier.json`` plus ``train_seconds`` (kept out of the files, which stay
+    deterministic).
+    """
+    (train_x, train_y), (eval_x, eval_y) = train, held_out
+    _check_split("train", train_x, train_y)
+    _check_split("eval", eval_x, eval_y)
+    if eval_x.shape[1:] != train_x.shape[1:]:
+        raise StageError(f"classifier: eval images are {tuple(eval_x.shape[1:])}, train images {tuple(train_x.shape[1:])}")
+
+    # Classes: 0..K-1, every one of them seen in training (a sorted, unshuffled split would fail here).
+    num_classes = int(max(train_y.max(), eval_y.max())) + 1
+    unseen = sorted(set(range(num_classes)) - set(train_y.unique().tolist()))
+    if unseen:
+        raise StageError(f"classifier: classes {unseen} have no training images (is the train/eval split shuffled?)")
+    if num_classes < 2:
+        raise StageError("classifier: the labels hold a single class; nothing to classify")
+
+    start = time.perf_counter()
+    net = train_classifier(train_x, train_y, params, base.seed, num_classes=num_classes, device=device, progress=progress)
+    train_seconds = time.perf_counter() - start
+    acc = accuracy(net, eval_x, eval_y)
+
+    info = {
+        **net.architecture,
+        "input_shape": list(net.input_shape),
+        "accuracy": acc,
+        "n_train": len(train_x),
+        "n_eval": len(eval_x),
+        "weights": WEIGHTS,
+    }
+    with atomic_output_dir(Path(out_dir)) as tmp:
+        save_classifier(net, tmp / WEIGHTS)
+        info["weights_sha256"] = sha256_file(tmp / WEIGHTS)
+        write_json(tmp / "classifier.json", info)
+        write_json(tmp / "metrics.json", {"accuracy": acc})
+        write_provenance(tmp, {"base": to_plain(base), "classifier": to_plain(params), "device": device})
+    return {**info, "train_seconds": train_seconds}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.classifier",
+        description="Train the small CNN whose features define fid_clf/kid_clf/precision_clf (data/prepared train split) "
+        "and report its accuracy on the eval split.",
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    parser.add_argument("--profile", default=None, help="profile to apply (default: the file's `profile` key)")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one parameter, e.g. -S classifier.steps=100 (repeatable)")
+    parser.add_argument("--data", type=Path, required=True, help="prepared-data directory (from the data stage)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory, replaced whole on success")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved base and classifier params and exit")
+    args = parser.parse_args(argv)
+
+    params = load(args.params, args.profile, args.overrides)
+    if args.dry_run:
+        print(json.dumps({"base": to_plain(params.base), "classifier": to_plain(params.classifier)}, indent=2))
+        return {}
+    from stages.data import load_split  # here: the data stage's readers are only needed when the stage runs
+
+    if params.base.threads:
+        torch.set_num_threads(params.base.threads)
+    device = pick_device(params.base.device)
+    train, held_out = load_split(args.data, "train"), load_split(args.data, "eval")
+    result = run(params.classifier, params.base, train, held_out, args.out, device=device, progress=True)
+    print(f"classifier: accuracy {result['accuracy']:.4f} on {result['n_eval']} eval images "
+          f"({result['n_train']} train, {params.classifier.steps} steps, {result['train_seconds']:.1f}s on {device}, "
+          f"{torch.get_num_threads()} threads) -> {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(main))

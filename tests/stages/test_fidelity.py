@@ -1,0 +1,364 @@
+"""stages/fidelity.py: torch-fidelity metrics in the classifier's feature space and in Inception's, offline.
+
+FID between two samples of one distribution is small and grows when modes are dropped; a set against itself gives
+~0; keys name their feature space; reference statistics are cached under a content + weights hash; Inception runs
+from a local (randomly initialised) weights file, is skipped with a reason when offline, and bad inputs fail in one
+line. No test touches the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from stages import classifier, fidelity
+from stages.common import StageError
+from stages.config import BaseParams, ClassifierParams
+
+TINY = ClassifierParams(steps=100, batch_size=32, lr=5e-3, width=16, feature_dim=32, max_shift=1)
+
+
+# Same generator as tests/stages/test_classifier.py (test files do not import each other).
+def shapes(n: int, seed: int, size: int = 16, classes: tuple[int, ...] = (0, 1, 2, 3)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic labelled uint8 (N, 1, size, size) images: a horizontal bar, a vertical bar, a diagonal or a hollow
+    square, at a random place and brightness, on a noisy black background."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
+    x = torch.zeros(n, size, size)
+    corner = torch.randint(1, size - 8, (n, 2), generator=g).tolist()
+    brightness = (150 + 105 * torch.rand(n, generator=g)).tolist()
+    for i, (label, (r, c), b) in enumerate(zip(labels.tolist(), corner, brightness)):
+        if label == 0:
+            x[i, r + 3, c : c + 7] = b
+        elif label == 1:
+            x[i, r : r + 7, c + 3] = b
+        elif label == 2:
+            x[i, torch.arange(r, r + 7), torch.arange(c, c + 7)] = b
+        else:
+            x[i, r : r + 6, c : c + 6] = b
+            x[i, r + 1 : r + 5, c + 1 : c + 5] = 0
+    x = x + 12 * torch.randn(n, size, size, generator=g)
+    return x.clamp(0, 255).round().to(torch.uint8).unsqueeze(1), labels  # (N, 1, H, W), (N,)
+
+
+CLF_KEYS = {"fid_clf", "kid_clf_mean", "kid_clf_std", "precision_clf", "recall_clf", "f_score_clf", "isc_clf_mean", "isc_clf_std"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny nets gain nothing from intra-op threads, and on a shared 2-core machine two threads can run 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def clf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fid") / "classifier"
+    result = classifier.run(TINY, BaseParams(seed=0), shapes(400, seed=0), shapes(200, seed=1), out)
+    assert result["accuracy"] >= 0.9
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference() -> torch.Tensor:
+    return shapes(300, seed=10)[0]
+
+
+def quality(generated: torch.Tensor, reference: torch.Tensor, clf_dir: Path, cache: Path, **kwargs) -> dict:
+    kwargs = {"kid_subset_size": 100, "reference_name": "shapes", **kwargs}
+    return fidelity.compute_quality(generated, reference, features="clf", classifier_dir=clf_dir, cache_dir=cache, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Classifier features: the numbers mean something.
+
+
+def test_fid_small_within_a_distribution_and_larger_when_modes_drop(clf_dir: Path, reference: torch.Tensor, tmp_path: Path) -> None:
+    same = quality(shapes(300, seed=11)[0], reference, clf_dir, tmp_path)
+    dropped = quality(shapes(300, seed=12, classes=(0, 1))[0], reference, clf_dir, tmp_path)  # half the modes
+    assert set(same) == set(dropped) == CLF_KEYS and "fid" not in same
+    assert all(math.isfinite(v) for v in same.values())
+    assert 0 < same["fid_clf"] and dropped["fid_clf"] > 5 * same["fid_clf"]
+    assert dropped["kid_clf_mean"] > same["kid_clf_mean"]
+    assert dropped["recall_clf"] < same["recall_clf"] - 0.1  # dropped modes cost recall ...
+    assert same["precision_clf"] > 0.8 and dropped["precision_clf"] > 0.8  # ... not precision
+    assert dropped["isc_clf_mean"] < same["isc_clf_mean"]  # fewer confidently predicted classes
+
+
+def test_a_set_against_itself(clf_dir: Path, reference: torch.Tensor, tmp_path: Path) -> None:
+    result = quality(reference, reference, clf_dir, tmp_path)
+    assert abs(result["fid_clf"]) < 1e-6
+    assert result["precision_clf"] == result["recall_clf"] == 1.0
+
+
+def test_rgb_images_expand_and_resize_inside_the_extractor(clf_dir: Path) -> None:
+    from torch_fidelity.utils import create_feature_extractor
+
+    name = fidelity.register_classifier_extractor()
+    assert fidelity.register_classifier_extractor() == name  # a second registration is a no-op, not an assertion
+    extractor = create_feature_extractor(
+        name, ["clf_features", "clf_logits"], cuda=False, verbose=False,
+        feature_extractor_weights_path=str(clf_dir / classifier.WEIGHTS),
+    )
+    gray = shapes(8, seed=3)[0]
+    item = fidelity.ImageTensorDataset(gray)[0]
+    assert item.dtype == torch.uint8 and item.shape == (3, 16, 16)
+    features, logits = extractor(gray.expand(-1, 3, -1, -1))
+    expected_features, expected_logits = classifier.load_classifier(clf_dir)(gray)
+    assert features.dtype == torch.float64 and torch.allclose(features, expected_features.double())
+    assert torch.allclose(logits, expected_logits.double())
+    big = torch.nn.functional.interpolate(gray.float(), size=(32, 32), mode="nearest").to(torch.uint8)
+    assert extractor(big.expand(-1, 3, -1, -1))[0].shape == (8, 32)
+
+
+def test_prc_uses_the_classifier_not_vgg16(clf_dir: Path, reference: torch.Tensor, tmp_path: Path, monkeypatch) -> None:
+    from torch_fidelity.feature_extractor_vgg16 import FeatureExtractorVGG16
+
+    def no_vgg(*args, **kwargs):
+        raise AssertionError("VGG-16 (and its download) must not be used")
+
+    monkeypatch.setattr(FeatureExtractorVGG16, "__init__", no_vgg)
+    result = quality(shapes(120, seed=4)[0], reference, clf_dir, tmp_path, prc=True, isc=False)
+    assert {"precision_clf", "recall_clf"} <= set(result) and "isc_clf_mean" not in result
+    assert "precision_clf" not in quality(shapes(120, seed=4)[0], reference, clf_dir, tmp_path, prc=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reference-statistics cache.
+
+
+def test_cache_name_follows_content_and_weights(clf_dir: Path, reference: torch.Tensor, tmp_path: Path) -> None:
+    weights = clf_dir / classifier.WEIGHTS
+    name = fidelity.reference_cache_name(reference, features="clf", weights_path=weights, reference_name="ref")
+    assert name == fidelity.reference_cache_name(reference.clone(), features="clf", weights_path=weights, reference_name="ref")
+    assert name.startswith(f"ref-{fidelity.content_hash(reference)}-clf")
+    changed = reference.clone()
+    changed[0, 0, 0, 0] ^= 1  # one bit of one pixel
+    assert fidelity.reference_cache_name(changed, features="clf", weights_path=weights, reference_name="ref") != name
+    assert fidelity.reference_cache_name(reference[:-1], features="clf", weights_path=weights, reference_name="ref") != name
+    retrained = tmp_path / "retrained"
+    classifier.run(TINY, BaseParams(seed=1), shapes(400, seed=0), shapes(200, seed=1), retrained)
+    assert fidelity.reference_cache_name(reference, features="clf", weights_path=retrained / classifier.WEIGHTS, reference_name="ref") != name
+    with pytest.raises(StageError, match="reference_name 'a/b'"):
+        fidelity.reference_cache_name(reference, features="clf", weights_path=weights, reference_name="a/b")
+
+
+def test_second_call_hits_the_cache_and_a_changed_reference_never_reuses_it(
+    clf_dir: Path, reference: torch.Tensor, tmp_path: Path, monkeypatch
+) -> None:
+    import torch_fidelity.utils
+
+    extracted: list[int] = []
+    real = torch_fidelity.utils.extract_featuresdict_from_input_id
+
+    def spy(input_id, *args, **kwargs):
+        extracted.append(input_id)
+        return real(input_id, *args, **kwargs)
+
+    monkeypatch.setattr(torch_fidelity.utils, "extract_featuresdict_from_input_id", spy)
+    cache = tmp_path / "cache"
+    generated = shapes(300, seed=11)[0]
+    name = fidelity.reference_cache_name(reference, features="clf", weights_path=clf_dir / classifier.WEIGHTS, reference_name="shapes")
+
+    first = quality(generated, reference, clf_dir, cache)
+    files = sorted(p.name for p in cache.iterdir())
+    assert files and all(f.startswith(name + "-") for f in files)
+    assert any("-stat-fid-" in f for f in files) and extracted == [1, 2]
+    second = quality(generated, reference, clf_dir, cache)
+    assert extracted == [1, 2, 1]  # the reference came from the cache
+    assert second == first
+
+    # Another reference under the same reference_name: a new cache entry, and the same numbers as with no cache.
+    other = shapes(300, seed=20, classes=(2, 3))[0]
+    changed = quality(generated, other, clf_dir, cache)
+    assert extracted[3:] == [1, 2]
+    assert changed == quality(generated, other, clf_dir, tmp_path / "fresh")
+    assert changed["fid_clf"] != first["fid_clf"]
+    assert len({f.split("-scm-classifier-")[0] for f in (p.name for p in cache.iterdir())}) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inception, offline: a local weights file in torch-fidelity's format, or a clear reason why not.
+
+
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised inception-v3-compat state_dict, saved like the real weights file (a .pth)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]):
+        mp.setattr(inception, "load_state_dict_from_url", lambda *a, **k: {})  # never downloads
+        mp.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
+        torch.manual_seed(0)
+        net = inception.FeatureExtractorInceptionV3(fidelity.INCEPTION_EXTRACTOR, ["2048"])
+        for module in net.modules():  # He init keeps activations O(1); PyTorch's default shrinks them to denormals,
+            if isinstance(module, torch.nn.Conv2d):  # which run ~10x slower on a CPU
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.mark.slow  # ~15 s: torch-fidelity takes eigvals of a 2048×2048 matrix for FID-Inception
+def test_inception_plumbing_with_a_local_weights_file(random_inception: Path, tmp_path: Path) -> None:
+    reference, generated = shapes(5, seed=30)[0], shapes(5, seed=31)[0]  # Inception at 299² costs ~0.3 s an image
+    result = fidelity.compute_quality(
+        generated, reference, features="inception", inception_weights=random_inception,
+        kid_subset_size=4, kid_subsets=5, cache_dir=tmp_path, reference_name="shapes",
+    )
+    assert result["inception_status"] == "ok"
+    assert {"fid_inception", "kid_inception_mean", "precision_inception", "isc_inception_mean"} <= set(result)
+    assert not any(k.endswith("_clf") or k == "fid" for k in result)
+    assert math.isfinite(result["fid_inception"]) and result["fid_inception"] >= 0
+    assert all(p.name.startswith("shapes-") and "-inception" in p.name for p in tmp_path.iterdir())
+
+
+def test_user_given_inception_weights_that_are_missing_or_malformed(random_inception: Path, tmp_path: Path) -> None:
+    images = shapes(6, seed=30)[0]
+    kwargs = dict(features="inception", kid_subset_size=4, cache_dir=tmp_path / "cache", reference_name="shapes")
+
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(StageError, match=f"evaluate.inception_weights='{missing}': file not found"):
+        fidelity.compute_quality(images, images, inception_weights=missing, **kwargs)
+
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(StageError, match=f"evaluate.inception_weights='{junk}': not torch-fidelity's inception-v3-compat"):
+        fidelity.compute_quality(images, images, inception_weights=junk, **kwargs)
+
+    state = torch.load(random_inception, weights_only=True)
+    state["fc.weight"] = torch.zeros(10, 2048)
+    wrong = tmp_path / "wrong-shape.pth"
+    torch.save(state, wrong)
+    with pytest.raises(StageError, match=r"wrong-shape.pth'.*size mismatch for fc.weight") as error:
+        fidelity.compute_quality(images, images, inception_weights=wrong, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_no_inception_weights_offline_is_skipped_quickly_with_a_reason(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no hub-cached copy
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(fidelity.socket, "create_connection", _no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_network)
+    images = shapes(6, seed=30)[0]
+    start = time.perf_counter()
+    result = fidelity.compute_quality(images, images, features="inception", kid_subset_size=4, cache_dir=tmp_path, reference_name="shapes")
+    assert time.perf_counter() - start < 5
+    assert result["fid_inception"] is None and "HF_HUB_OFFLINE=1" in result["inception_status"]
+    assert set(result) == {"fid_inception", "inception_status"} and "\n" not in result["inception_status"]
+
+
+def test_unreachable_network_and_failed_download_are_skipped_too(random_inception: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+    import urllib.error
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    for var in ("HF_HUB_OFFLINE", "SCM_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(fidelity.socket, "create_connection", unreachable)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_network)
+    path, status = fidelity.resolve_inception_weights(None)
+    assert path is None and "github.com:443 is unreachable" in status
+
+    monkeypatch.setattr(fidelity.socket, "create_connection", lambda *a, **k: contextlib.nullcontext())
+
+    def refused(*args, **kwargs):
+        raise urllib.error.URLError("connection refused")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refused)
+    path, status = fidelity.resolve_inception_weights(None)
+    assert path is None and "downloading the Inception weights failed (URLError" in status
+
+    # A copy already in the torch hub cache is used as is, with no network at all.
+    monkeypatch.setattr(fidelity.socket, "create_connection", _no_network)
+    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / fidelity.INCEPTION_URL_NAME
+    cached.parent.mkdir(parents=True)
+    shutil.copy(random_inception, cached)
+    assert fidelity.resolve_inception_weights(None) == (cached, "ok")
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("tests must not touch the network")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad inputs fail in one line, naming what is wrong.
+
+
+@pytest.mark.parametrize(
+    "generated, reference_override, match",
+    [
+        (shapes(50, seed=1)[0], None, r"evaluate.kid_subset_size=100 images per set, got 50 generated and 300 reference"),
+        (None, shapes(60, seed=1)[0], r"evaluate.kid_subset_size=100 images per set, got 300 generated and 60 reference"),
+        (shapes(300, seed=1, size=20)[0], None, r"generated images are \(1, 20, 20\) .* reference images are \(1, 16, 16\)"),
+        (shapes(300, seed=1)[0].expand(-1, 3, -1, -1), None, r"generated images are \(3, 16, 16\) .* reference images are \(1, 16, 16\)"),
+        (shapes(300, seed=1)[0].float(), None, "generated images: expected dtype torch.uint8"),
+        (None, shapes(300, seed=1)[0].float() / 255, "reference images: expected dtype torch.uint8"),
+        (shapes(300, seed=1)[0].repeat(1, 2, 1, 1), None, r"expected shape \(N, C, H, W\) with C = 1 or 3, got \(300, 2, 16, 16\)"),
+        (shapes(300, seed=1)[0][:, 0], None, r"got \(300, 16, 16\)"),
+    ],
+)
+def test_rejects_bad_images(clf_dir: Path, reference: torch.Tensor, tmp_path: Path, generated, reference_override, match) -> None:
+    generated = shapes(300, seed=11)[0] if generated is None else generated
+    with pytest.raises(StageError, match=match):
+        quality(generated, reference if reference_override is None else reference_override, clf_dir, tmp_path)
+
+
+def test_rejects_missing_or_mismatched_classifier(clf_dir: Path, reference: torch.Tensor, tmp_path: Path) -> None:
+    generated = shapes(300, seed=11)[0]
+    with pytest.raises(StageError, match=f"{tmp_path / 'none' / classifier.WEIGHTS}: classifier weights not found"):
+        quality(generated, reference, tmp_path / "none", tmp_path)
+    with pytest.raises(StageError, match="needs classifier_dir"):
+        fidelity.compute_quality(generated, reference, features="clf", kid_subset_size=10, cache_dir=tmp_path, reference_name="x")
+
+    state = load_file(str(clf_dir / classifier.WEIGHTS))
+    state["head.weight"] = torch.zeros(9, 32)
+    wrong = tmp_path / "wrong" / classifier.WEIGHTS
+    wrong.parent.mkdir()
+    save_file(state, str(wrong), metadata={"classifier": _metadata(clf_dir)})
+    with pytest.raises(StageError, match=r"tensor 'head.weight' has shape \(9, 32\), .* expects \(4, 32\)"):
+        quality(generated, reference, wrong.parent, tmp_path)
+
+    rgb = shapes(300, seed=11)[0].expand(-1, 3, -1, -1)
+    with pytest.raises(StageError, match="reads 1-channel images, the images have 3 channels"):
+        quality(rgb, reference.expand(-1, 3, -1, -1), clf_dir, tmp_path)
+    with pytest.raises(StageError, match="features='vgg'"):
+        fidelity.compute_quality(generated, reference, features="vgg", kid_subset_size=10, cache_dir=tmp_path, reference_name="x")
+
+
+def _metadata(clf_dir: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(clf_dir / classifier.WEIGHTS), framework="pt") as f:
+        return f.metadata()["classifier"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Spread over sample seeds.
+
+
+def test_summarise_seeds() -> None:
+    runs = [
+        {"fid_clf": 1.0, "fid_inception": None, "inception_status": "offline"},
+        {"fid_clf": 2.0, "fid_inception": None, "inception_status": "offline"},
+        {"fid_clf": 6.0, "fid_inception": None, "inception_status": "offline"},
+    ]
+    summary = fidelity.summarise_seeds(runs)
+    assert summary["fid_clf"] == {"mean": 3.0, "std": pytest.approx(math.sqrt(7.0)), "min": 1.0, "max": 6.0, "n": 3}
+    assert summary["fid_inception"] == {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    assert summary["inception_status"] == "offline"
+    assert fidelity.summarise_seeds([{"fid_clf": 4.0}])["fid_clf"]["std"] is None
+    with pytest.raises(StageError, match="no results"):
+        fidelity.summarise_seeds([])

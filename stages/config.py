@@ -63,21 +63,52 @@ class DataParams:
 
 
 @dataclass(frozen=True)
+class EncodeParams:
+    """stages/encode.py: prepared images -> per-channel standardised latents + the codec that decodes them."""
+
+    codec: Literal["identity", "train", "pretrained"] = "train"  # identity = pixel space (paper CIFAR-10/IN64)
+    pretrained: str = "stabilityai/sd-vae-ft-mse"  # codec=pretrained: hub id or local diffusers dir (paper IN512)
+    channels: tuple[int, ...] = _f((16, 32, 32), lo=1)  # codec=train: block widths; factor 2^(len-1): 28² -> 7²
+    latent_channels: int = _f(4, lo=1)  # codec=train
+    steps: int = _f(1200, lo=1)  # codec=train: Adam steps; 1200 × 32 MNIST digits ≈ 2 min on 2 CPU cores
+    batch_size: int = _f(32, lo=1)  # codec=train
+    lr: float = _f(2e-3, lo=0.0, lo_open=True)  # codec=train
+    kl_weight: float = _f(1e-4, lo=0.0)  # codec=train: weight of KL per latent element vs MSE per pixel
+    latent_mean: tuple[float, ...] = ()  # μ_c pinned per latent channel; () = compute on the train split
+    latent_std: tuple[float, ...] = _f((), lo=0.0, lo_open=True)  # σ_c pinned likewise (SCM_NOTES §13)
+    encode_batch_size: int = _f(256, lo=1)  # images per codec call when encoding/decoding
+
+    def validate(self, prefix: str) -> None:
+        if not self.channels:
+            raise StageError(f"{prefix}.channels: expected at least one block width")
+        for name in ("latent_mean", "latent_std"):
+            pinned = getattr(self, name)
+            if pinned and self.codec == "train" and len(pinned) != self.latent_channels:
+                raise StageError(f"{prefix}.{name}: expected {self.latent_channels} values (encode.latent_channels), got {len(pinned)}")
+        if self.latent_mean and self.latent_std and len(self.latent_mean) != len(self.latent_std):
+            raise StageError(f"{prefix}.latent_std: expected {len(self.latent_mean)} values like latent_mean, got {len(self.latent_std)}")
+
+
+@dataclass(frozen=True)
 class ClassifierParams:
     """stages/classifier.py: the domain feature extractor behind ``fid_clf`` (trained on the training split)."""
 
-    steps: int = _f(300, lo=1)
+    steps: int = _f(600, lo=1)  # Adam steps (linear warm-up, cosine decay)
     batch_size: int = _f(128, lo=1)
-    lr: float = _f(2e-3, lo=0.0, lo_open=True)
-    width: int = _f(32, lo=1)
+    lr: float = _f(3e-3, lo=0.0, lo_open=True)  # peak learning rate
+    width: int = _f(32, lo=1)  # channels of the first convolution (the second has 2·width)
+    feature_dim: int = _f(128, lo=1)  # penultimate layer: the features behind fid_clf / kid_clf / precision_clf
+    max_shift: int = _f(2, lo=0)  # augmentation: random translation by up to this many pixels (0 = off)
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     """stages/evaluate.py: FID/KID/precision-recall (torch-fidelity) and sampling speed."""
 
-    kid_subset_size: int = _f(100, lo=2)
-    inception_weights: str = ""  # local pt_inception-2015-12-05 .pth; "" = let torch-fidelity download it
+    kid_subset_size: int = _f(100, lo=2)  # images per KID subset; both sets need at least this many
+    kid_subsets: int = _f(100, lo=1)  # KID subsets drawn (torch-fidelity's default)
+    prc: bool = True  # precision/recall (k = 3 nearest neighbours) in the same feature space as FID
+    inception_weights: str = ""  # local weights-inception-2015-12-05-6726825d.pth; "" = torch hub cache, else download if online
     inception: Literal["auto", "off"] = "auto"
 
 
@@ -87,6 +118,7 @@ class EvaluateParams:
 SECTIONS: dict[str, type] = {
     "base": BaseParams,
     "data": DataParams,
+    "encode": EncodeParams,
     "classifier": ClassifierParams,
     "evaluate": EvaluateParams,
 }

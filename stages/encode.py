@@ -1,0 +1,437 @@
+"""Stage ``encode``: prepared images -> standardised latents, and the codec that maps latents back to pixels.
+
+Consumes ``data/prepared`` (``images.parquet`` + ``manifest.json``, written by ``stages/data.py``). Produces
+``data/latents``, replaced whole and only on success:
+
+- ``latents.safetensors``: ``train`` / ``eval`` float32 N×C'×H'×W' latents and ``train_labels`` / ``eval_labels``;
+- ``codec.json`` (kind, image and latent shapes, per-channel μ_c and σ_c, σ_d) and, unless the codec is the
+  identity, ``codec/``: the AutoencoderKL in diffusers format;
+- ``recon_grid.png`` (eval originals above their reconstructions), ``metrics.json``, ``resolved_params.json``.
+
+``encode.codec`` picks the codec. ``identity`` stays in pixel space, as the paper's CIFAR-10 and ImageNet-64 runs do.
+``pretrained`` loads an AutoencoderKL such as ``stabilityai/sd-vae-ft-mse``, as the ImageNet-512 runs do. ``train``,
+the offline default, fits a small AutoencoderKL on the training split right here. Whatever the codec, the latents are
+standardised per channel to σ_d (SCM_NOTES §13), so every later stage sees data at the scale TrigFlow assumes.
+
+Later stages call :func:`load_codec`: ``codec.encode(uint8 images) -> latents`` and ``codec.decode(latents) -> uint8``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stages.common import StageError, atomic_output_dir, cli, pick_device, write_json, write_provenance
+from stages.config import BaseParams, EncodeParams, load, to_plain
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+SPLITS = ("train", "eval")
+PSNR_CAP_DB = 100.0  # reported when the round trip is lossless (MSE 0): PSNR is infinite and JSON has no inf
+GRID_COLUMNS, GRID_ROWS = 8, 2  # recon_grid.png: this many rows of originals, then as many of reconstructions
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pixels, VAE inputs and standardised latents.
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1], the range of the identity codec and of AutoencoderKL inputs."""
+    return images.float() / 127.5 - 1
+
+
+def from_unit(x: Tensor) -> Tensor:
+    """float [-1, 1] -> uint8 [0, 255], clamped and rounded."""
+    return ((x + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+
+
+def downsampling_factor(vae: AutoencoderKL) -> int:
+    """Every encoder block but the last halves the resolution."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def vae_size(vae: AutoencoderKL, height: int, width: int) -> tuple[int, int]:
+    """The input size the VAE sees: the image size rounded up to a multiple of its downsampling factor."""
+    f = downsampling_factor(vae)
+    return math.ceil(height / f) * f, math.ceil(width / f) * f
+
+
+def match_channels(x: Tensor, channels: int) -> Tensor:
+    """Grayscale <-> RGB: repeat a single channel, or average down to one."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(-1, channels, -1, -1)  # (N, channels, H, W)
+    assert channels == 1, f"cannot convert {x.shape[1]} channels to {channels}"
+    return x.mean(dim=1, keepdim=True)  # (N, 1, H, W)
+
+
+def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize (antialiased when shrinking); a no-op at the same size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+# Per-channel latent standardisation to σ_d (sCM paper App. G; SCM_NOTES §13).
+def standardise(z: Tensor, mean: Tensor, std: Tensor, sigma_data: float) -> Tensor:
+    return (z - mean.view(1, -1, 1, 1)) * (sigma_data / std.view(1, -1, 1, 1))
+
+
+def unstandardise(z: Tensor, mean: Tensor, std: Tensor, sigma_data: float) -> Tensor:
+    return z * (std.view(1, -1, 1, 1) / sigma_data) + mean.view(1, -1, 1, 1)
+
+
+def channel_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation of N×C×H×W latents, accumulated in float64."""
+    z = z.double().transpose(0, 1).reshape(z.shape[1], -1)  # (C, N·H·W)
+    return z.mean(dim=1), z.std(dim=1)
+
+
+def psnr_db(mse: float) -> float:
+    """Peak signal-to-noise ratio of pixels in [0, 1], capped at PSNR_CAP_DB for a lossless round trip."""
+    return PSNR_CAP_DB if mse <= 10 ** (-PSNR_CAP_DB / 10) else -10 * math.log10(mse)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The codec: uint8 images <-> standardised latents.
+
+
+@dataclass
+class Codec:
+    """Images <-> latents standardised per channel to σ_d. ``vae=None`` is the identity codec (pixel space).
+
+    ``mean`` and ``std`` (μ_c, σ_c, shape (C',)) live on the codec's device; inputs may live anywhere, and results come
+    back on the input's device. Both directions run in batches of ``batch_size`` images, without gradients.
+    """
+
+    vae: AutoencoderKL | None
+    image_shape: tuple[int, int, int]
+    mean: Tensor
+    std: Tensor
+    sigma_data: float
+    batch_size: int = 256
+
+    @property
+    def kind(self) -> str:
+        return "identity" if self.vae is None else "autoencoder"
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        if self.vae is None:
+            return tuple(self.image_shape)
+        f = downsampling_factor(self.vae)
+        height, width = vae_size(self.vae, *self.image_shape[1:])
+        return (self.vae.config.latent_channels, height // f, width // f)
+
+    @torch.no_grad()
+    def encode_raw(self, images: Tensor) -> Tensor:
+        """uint8 N×C×H×W -> latents before standardisation (the posterior mean for a VAE), float32."""
+        assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == tuple(self.image_shape), images.shape
+        out = [self._encode_batch(b.to(self.device)).to(images.device) for b in images.split(self.batch_size)]
+        return torch.cat(out) if out else torch.empty(0, *self.latent_shape, device=images.device)
+
+    @torch.no_grad()
+    def decode_raw(self, z: Tensor) -> Tensor:
+        """Latents before standardisation -> uint8 N×C×H×W."""
+        assert tuple(z.shape[1:]) == tuple(self.latent_shape), z.shape
+        out = [from_unit(self._decode_batch(b.to(self.device, torch.float32))).to(z.device)
+               for b in z.split(self.batch_size)]
+        return torch.cat(out) if out else torch.empty(0, *self.image_shape, dtype=torch.uint8, device=z.device)
+
+    def encode(self, images: Tensor) -> Tensor:
+        """uint8 N×C×H×W -> standardised latents N×C'×H'×W' (float32)."""
+        return standardise(self.encode_raw(images), self.mean.to(images.device), self.std.to(images.device), self.sigma_data)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Standardised latents -> uint8 N×C×H×W (standardisation undone, clamped, rounded)."""
+        mean, std = self.mean.to(latents.device), self.std.to(latents.device)
+        return self.decode_raw(unstandardise(latents.float(), mean, std, self.sigma_data))
+
+    def _encode_batch(self, images: Tensor) -> Tensor:
+        x = to_unit(images)
+        if self.vae is None:
+            return x
+        x = resize(match_channels(x, self.vae.config.in_channels), vae_size(self.vae, *x.shape[-2:]))
+        return self.vae.encode(x).latent_dist.mode()
+
+    def _decode_batch(self, z: Tensor) -> Tensor:
+        if self.vae is None:
+            return z
+        x = self.vae.decode(z).sample
+        return resize(match_channels(x, self.image_shape[0]), self.image_shape[1:])
+
+
+def load_codec(out_dir: Path, device: str = "cpu", batch_size: int = 256) -> Codec:
+    """The codec written by :func:`run` into ``out_dir`` (``codec.json`` and ``codec/``), on ``device``."""
+    meta_path = Path(out_dir) / "codec.json"
+    if not meta_path.is_file():
+        raise StageError(f"{meta_path}: not found (run the encode stage first)")
+    meta = json.loads(meta_path.read_text())
+    vae = None
+    if meta["kind"] != "identity":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(Path(out_dir) / "codec", low_cpu_mem_usage=False).to(device).eval()
+    mean = torch.tensor(meta["mean"], dtype=torch.float32, device=device)
+    std = torch.tensor(meta["std"], dtype=torch.float32, device=device)
+    return Codec(vae, tuple(meta["image_shape"]), mean, std, float(meta["sigma_data"]), batch_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where the autoencoder comes from: trained here, or loaded.
+
+
+def build_autoencoder(params: EncodeParams, image_shape: tuple[int, int, int]) -> AutoencoderKL:
+    """A small AutoencoderKL for ``image_shape``: one ResNet layer per block, no attention, groups dividing every width."""
+    from diffusers import AutoencoderKL
+
+    blocks = len(params.channels)
+    return AutoencoderKL(
+        in_channels=image_shape[0],
+        out_channels=image_shape[0],
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=params.channels,
+        layers_per_block=1,
+        latent_channels=params.latent_channels,
+        norm_num_groups=math.gcd(8, *params.channels),
+        sample_size=image_shape[1],
+        mid_block_add_attention=False,  # purely convolutional: the defaults in params.yaml were measured this way
+    )
+
+
+def train_autoencoder(images: Tensor, params: EncodeParams, seed: int) -> tuple[AutoencoderKL, float]:
+    """Fit a small AutoencoderKL to uint8 ``images`` (on the training device); returns it and the seconds taken.
+
+    Objective: MSE per pixel + kl_weight · KL(q(z|x) ‖ N(0, I)) per latent element, with z sampled from q(z|x).
+    """
+    from tqdm import tqdm
+
+    # Initial weights, batch order and posterior noise all come from the seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = build_autoencoder(params, tuple(images.shape[1:]))
+    vae = vae.to(images.device).train()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=params.lr)
+    size = vae_size(vae, *images.shape[-2:])
+
+    order = torch.empty(0, dtype=torch.long)
+    start = time.perf_counter()
+    bar = tqdm(range(params.steps), desc="encode: train AutoencoderKL", unit="step", dynamic_ncols=True)
+    for step in bar:
+        # Next batch: consecutive epochs of seeded permutations.
+        while len(order) < params.batch_size:
+            order = torch.cat([order, torch.randperm(len(images), generator=generator)])
+        index, order = order[: params.batch_size], order[params.batch_size :]
+        x = resize(to_unit(images[index.to(images.device)]), size)
+
+        # Encode, sample z ~ q(z|x), decode; reconstruction + KL (the VAE objective).
+        posterior = vae.encode(x).latent_dist
+        x_hat = vae.decode(posterior.sample(generator=generator)).sample
+        kl = posterior.kl() / posterior.mean[0].numel()  # per latent element
+        loss = F.mse_loss(x_hat, x) + params.kl_weight * kl.mean()
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise StageError(f"encode: autoencoder loss became non-finite at step {step} (try a smaller encode.lr)")
+        images_per_second = (step + 1) * params.batch_size / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_second:.0f}", refresh=False)
+    bar.close()
+    return vae.eval(), time.perf_counter() - start
+
+
+def load_pretrained(name: str) -> AutoencoderKL:
+    """``AutoencoderKL.from_pretrained`` on a local diffusers directory or a Hugging Face hub id."""
+    from diffusers import AutoencoderKL
+
+    path = Path(name).expanduser()
+    local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if local and not path.is_dir():
+        raise StageError(f"encode.pretrained: {path}: directory not found")
+    if local and not (path / "config.json").is_file():
+        raise StageError(f"encode.pretrained: {path / 'config.json'}: not found "
+                         "(expected an AutoencoderKL saved with save_pretrained)")
+    try:
+        return AutoencoderKL.from_pretrained(path if local else name, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as e:
+        where = str(path) if local else f"hub id {name!r}"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise StageError(f"encode.pretrained: cannot load an AutoencoderKL from {where} ({reason})") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading the prepared data and writing the grid.
+
+
+def read_prepared(prepared_dir: Path) -> tuple[tuple[int, int, int], dict[str, tuple[Tensor, Tensor]]]:
+    """The image shape from ``manifest.json`` and, per split, (uint8 N×C×H×W images, int64 labels)."""
+    manifest_path, parquet_path = prepared_dir / "manifest.json", prepared_dir / "images.parquet"
+    if not prepared_dir.is_dir():
+        raise StageError(f"{prepared_dir}: prepared-data directory not found (run the data stage first)")
+    for path in (manifest_path, parquet_path):
+        if not path.is_file():
+            raise StageError(f"{path}: not found (run the data stage first)")
+    try:
+        image_shape = tuple(int(s) for s in json.loads(manifest_path.read_text())["shape"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise StageError(f"{manifest_path}: expected JSON with \"shape\": [C, H, W] ({type(e).__name__}: {e})") from None
+    if len(image_shape) != 3 or image_shape[0] not in (1, 3):
+        raise StageError(f"{manifest_path}: expected \"shape\": [C, H, W] with C 1 or 3, got {list(image_shape)}")
+
+    from stages.data import load_split  # imported here: the data stage is a separate module with its own deps
+
+    splits = {split: load_split(prepared_dir, split) for split in SPLITS}
+    for split, (images, labels) in splits.items():
+        if len(images) == 0:
+            raise StageError(f"{parquet_path}: the {split} split is empty")
+        if tuple(images.shape[1:]) != image_shape or images.dtype != torch.uint8 or len(labels) != len(images):
+            raise StageError(f"{parquet_path}: {split} images are {images.dtype} {list(images.shape)}, "
+                             f"manifest says {list(image_shape)}")
+    return image_shape, splits
+
+
+def save_grid(path: Path, images: Tensor, columns: int, pad: int = 2) -> None:
+    """Write uint8 N×C×H×W ``images`` as one PNG, ``columns`` per row, separated by ``pad`` gray pixels."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    rows = math.ceil(n / columns)
+    grid = torch.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), 128, dtype=torch.uint8)
+    for i, image in enumerate(images.cpu()):
+        top, left = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
+        grid[:, top : top + h, left : left + w] = image
+    array = grid.permute(1, 2, 0).numpy()  # (H, W, C)
+    Image.fromarray(array[..., 0] if c == 1 else array).save(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The stage.
+
+
+def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Path, *, device: str = "cpu") -> dict[str, Any]:
+    """Encode the prepared splits into standardised latents; write them, the codec and its metrics to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    image_shape, splits = read_prepared(prepared_dir)
+
+    # The codec before standardisation: none, trained on the train split, or loaded.
+    train_seconds = 0.0
+    vae = None
+    if params.codec == "train":
+        vae, train_seconds = train_autoencoder(splits["train"][0].to(device), params, base.seed)
+    elif params.codec == "pretrained":
+        vae = load_pretrained(params.pretrained).to(device).eval()
+        if vae.config.in_channels not in (1, 3) or vae.config.out_channels != vae.config.in_channels:
+            raise StageError(f"encode.pretrained: expected a 1- or 3-channel AutoencoderKL, got in/out channels "
+                             f"{vae.config.in_channels}/{vae.config.out_channels}")
+    latent_channels = vae.config.latent_channels if vae is not None else image_shape[0]
+    no_stats = torch.zeros(latent_channels, device=device), torch.full((latent_channels,), base.sigma_data, device=device)
+    codec = Codec(vae, image_shape, *no_stats, base.sigma_data, params.encode_batch_size)  # μ_c, σ_c measured below
+
+    # Encode both splits (the posterior mean, no sampling).
+    raw = {split: codec.encode_raw(images) for split, (images, _) in splits.items()}
+    for split, z in raw.items():
+        if not torch.isfinite(z).all():
+            raise StageError(f"encode: the {split} latents are not finite (codec {params.codec!r} produced NaN/inf)")
+
+    # Per-channel μ_c, σ_c from the train split unless pinned (SCM_NOTES §13), then standardise to σ_d.
+    mean, std = channel_stats(raw["train"])
+    for name, pinned in (("latent_mean", params.latent_mean), ("latent_std", params.latent_std)):
+        if pinned and len(pinned) != len(mean):
+            raise StageError(f"encode.{name}: expected {len(mean)} values (one per latent channel), got {len(pinned)}")
+    mean = torch.tensor(params.latent_mean, dtype=torch.float64) if params.latent_mean else mean
+    std = torch.tensor(params.latent_std, dtype=torch.float64) if params.latent_std else std
+    if not (std > 0).all():
+        channel = int((std <= 0).nonzero()[0])
+        raise StageError(f"encode: latent channel {channel} is constant on the train split; cannot standardise it")
+    codec.mean, codec.std = mean.float().to(device), std.float().to(device)
+    latents = {split: standardise(z, mean.float(), std.float(), base.sigma_data) for split, z in raw.items()}
+
+    # Reconstruct the eval split: MSE and PSNR of pixels in [0, 1].
+    originals = splits["eval"][0]
+    reconstructions = codec.decode(latents["eval"])
+    recon_mse = ((reconstructions.double() - originals.double()) / 255).square().mean().item()
+    metrics = {
+        "recon_mse": recon_mse,
+        "recon_psnr_db": psnr_db(recon_mse),
+        "latent_shape": list(codec.latent_shape),
+        "train_seconds": round(train_seconds, 2),
+    }
+
+    # Write everything, or nothing.
+    columns = min(GRID_COLUMNS, len(originals))
+    shown = min(GRID_ROWS * columns, len(originals)) // columns * columns  # whole rows only
+    with atomic_output_dir(out_dir) as tmp:
+        tensors = {split: latents[split].cpu().contiguous() for split in SPLITS}
+        tensors |= {f"{split}_labels": splits[split][1].to(torch.int64).cpu().contiguous() for split in SPLITS}
+        save_file(tensors, tmp / "latents.safetensors")
+        if vae is not None:
+            vae.save_pretrained(tmp / "codec", safe_serialization=True)
+        write_json(tmp / "codec.json", {
+            "kind": codec.kind,
+            "latent_shape": list(codec.latent_shape),
+            "image_shape": list(image_shape),
+            "mean": codec.mean.tolist(),
+            "std": codec.std.tolist(),
+            "sigma_data": base.sigma_data,
+        })
+        save_grid(tmp / "recon_grid.png", torch.cat([originals[:shown], reconstructions[:shown]]), columns)
+        write_json(tmp / "metrics.json", metrics)
+        resolved = {"base": to_plain(base), "encode": to_plain(params)}
+        write_provenance(tmp, {**resolved, "data": str(prepared_dir), "out": str(out_dir), "device": device})
+    return {"codec": params.codec, "n_train": len(latents["train"]), "n_eval": len(latents["eval"]), **metrics}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.encode",
+        description="Encode the prepared images into latents standardised per channel to sigma_data "
+        "(codec: identity = pixels, train = a small AutoencoderKL fitted here, pretrained = e.g. sd-vae-ft-mse).",
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    parser.add_argument("--profile", default=None, help="profile to apply (default: the file's `profile` key)")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one parameter, e.g. -S encode.steps=50 (repeatable)")
+    parser.add_argument("--data", type=Path, required=True, help="prepared-data directory (from the data stage)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory, replaced whole on success")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved base and encode params and exit")
+    args = parser.parse_args(argv)
+
+    params = load(args.params, args.profile, args.overrides)
+    if args.dry_run:
+        print(json.dumps({"base": to_plain(params.base), "encode": to_plain(params.encode)}, indent=2))
+        return {}
+    if params.base.threads:
+        torch.set_num_threads(params.base.threads)
+    device = pick_device(params.base.device)
+    result = run(params.encode, params.base, args.data, args.out, device=device)
+    shape = "×".join(map(str, result["latent_shape"]))
+    print(f"encode: codec={result['codec']} latents {shape} (train {result['n_train']}, eval {result['n_eval']}), "
+          f"eval recon PSNR {result['recon_psnr_db']:.2f} dB, trained {result['train_seconds']:.1f}s on {device} "
+          f"-> {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(main))

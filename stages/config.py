@@ -11,6 +11,7 @@ the default profile.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import types
@@ -90,6 +91,65 @@ class EncodeParams:
 
 
 @dataclass(frozen=True)
+class TeacherParams:
+    """stages/teacher.py (per scale): a TrigFlow diffusion teacher, trained here or fetched."""
+
+    source: str = "train"  # train | a local directory/file | https://... (needs sha256) | models:/name/version (MLflow)
+    sha256: str = ""  # required for an https source
+    steps: int = _f(4000, lo=1)
+    batch_size: int = _f(128, lo=1)
+    lr: float = _f(1e-3, lo=0.0, lo_open=True)  # Adam (EDM's CIFAR-10 teacher: 1e-3)
+    warmup_steps: int = _f(200, lo=0)  # linear learning-rate warm-up
+    P_mean: float = -0.8  # log-normal proposal of the teacher (paper Table 4, IN64: (-0.8, 1.6))
+    P_std: float = _f(1.6, lo=0.0, lo_open=True)
+    dropout: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)
+    adaptive_weight: bool = True  # EDM2 uncertainty weighting w_φ(t)
+    ema_half_life_kimg: float = _f(50.0, lo=0.0, lo_open=True)  # EMA half-life in thousands of images
+    log_every: int = _f(50, lo=1)
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    """stages/distill.py (per scale): sCD from the teacher (default) or sCT, initialised from the teacher's EMA."""
+
+    method: Literal["scd", "sct"] = "scd"
+    steps: int = _f(1500, lo=1)
+    batch_size: int = _f(128, lo=1)
+    lr: float = _f(1e-4, lo=0.0, lo_open=True)  # RAdam, β = (0.9, 0.99), no schedule (paper App. G.2)
+    P_mean: float = -1.0  # paper App. G.2 (CIFAR-10)
+    P_std: float = _f(1.4, lo=0.0, lo_open=True)
+    tangent_c: float = _f(0.1, lo=0.0)  # c in g/(‖g‖ + c)
+    tangent_norm: Literal["l2", "rms", "clip", "none"] = "l2"
+    tangent: Literal["jvp", "fd"] = "jvp"
+    warmup_steps: int = _f(150, lo=0)  # H, tangent warm-up r = min(1, step/H) (paper: 10k of 100k+)
+    dropout: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)  # paper: 0 for sCD, 0.2+ for sCT
+    prior_weight: bool = False  # extra outer 1/(σ_d tan t) (Sana/FastGen); SCM_NOTES §7
+    adaptive_weight: bool = True
+    ema_half_life_kimg: float = _f(20.0, lo=0.0, lo_open=True)
+    log_every: int = _f(25, lo=1)
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    """stages/sample.py (per scale): teacher ODE samples and sCM 1-/2-step samples, decoded to images."""
+
+    num_samples: int = _f(1000, lo=1)  # per seed set; the evaluate stage compares them with the eval split
+    seed_sets: int = _f(3, lo=1)  # independent sample sets (spread of the metrics); image i of set s has seed s·10⁶ + i
+    teacher_sampler: Literal["dpm2", "euler"] = "dpm2"
+    teacher_steps: int = _f(18, lo=1)  # dpm2: NFE = 2n − 1 = 35 (the paper's CIFAR-10 teacher)
+    t_mid: float = _f(1.1, lo=0.0, hi=1.5, lo_open=True)  # 2-step intermediate time (paper §5.2)
+    batch_size: int = _f(500, lo=1)
+    grid_size: int = _f(64, lo=1)  # images in each sample grid
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    """stages/report.py: cross-scale summary, plots and the Markdown report under reports/."""
+
+    title: str = "sCM on this machine"
+
+
+@dataclass(frozen=True)
 class ClassifierParams:
     """stages/classifier.py: the domain feature extractor behind ``fid_clf`` (trained on the training split)."""
 
@@ -119,8 +179,12 @@ SECTIONS: dict[str, type] = {
     "base": BaseParams,
     "data": DataParams,
     "encode": EncodeParams,
+    "teacher": TeacherParams,
+    "distill": DistillParams,
+    "sample": SampleParams,
     "classifier": ClassifierParams,
     "evaluate": EvaluateParams,
+    "report": ReportParams,
 }
 
 
@@ -337,3 +401,21 @@ def load(path: str | Path = "params.yaml", profile: str | None = None, overrides
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     return resolve(raw, profile, overrides)
+
+
+def add_params_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments every stage CLI shares: --params, --profile, -S key=value."""
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    parser.add_argument("--profile", default=None, help="profile under profiles: (default: the file's profile key)")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one parameter, e.g. -S distill.steps=500 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved parameters and exit")
+
+
+def load_args(args: argparse.Namespace) -> Params:
+    """Load params from parsed :func:`add_params_args` arguments; with --dry-run print them and exit."""
+    params = load(args.params, args.profile, args.overrides)
+    if getattr(args, "dry_run", False):
+        print(yaml.safe_dump(params.to_dict(), sort_keys=False), end="")
+        raise SystemExit(0)
+    return params

@@ -1,0 +1,96 @@
+"""Distill stage (per scale): sCD from the teacher (default) or sCT, both initialised from the teacher's EMA.
+
+Consumes ``data/latents`` and ``artifacts/<scale>/teacher``. Produces ``artifacts/<scale>/distill/model.safetensors``
+(the student's EMA weights) with ``resolved_params.json``, ``metrics/<scale>/distill.json`` and the training curve
+``plots/<scale>/distill_history.csv`` (loss, ‖g‖, w_φ, gradient norm, images/s).
+
+The objective is paper Eq. 8 / Alg. 1 (:func:`scm.losses.scm_loss`): F⁻ from the online weights under stop-grad,
+dx_t/dt from the frozen teacher EMA (sCD) or cos t·z − sin t·x0 (sCT), tangent warm-up, normalisation, adaptive
+weighting, RAdam without a schedule (App. G.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scm import nn as snn
+from scm.losses import SCMConfig, scm_loss
+from scm.trigflow import velocity
+from stages import config
+from stages.common import atomic_output_dir, cli, pick_device, write_json, write_provenance
+from stages.training import load_latents, load_model, save_model, train, write_history
+
+
+def scm_config(params: config.DistillParams, sigma_data: float) -> SCMConfig:
+    return SCMConfig(sigma_data=sigma_data, P_mean=params.P_mean, P_std=params.P_std, c=params.tangent_c,
+                     tangent_norm=params.tangent_norm, tangent=params.tangent, warmup_steps=params.warmup_steps,
+                     prior_weight=params.prior_weight)
+
+
+def run(params: config.DistillParams, base: config.BaseParams, scale: str, latents_dir: Path, teacher_dir: Path,
+        out_dir: Path, metrics_path: Path, history_path: Path, *, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Distill the teacher of ``scale`` into a 1-/2-step consistency model."""
+    start = time.perf_counter()
+    data = load_latents(latents_dir)
+    teacher, meta = load_model(teacher_dir, expect_shape=data.shape, expect_scale=scale, device=device)
+
+    # Student ← teacher EMA (App. G.2: "We always initialize the CM from the EMA parameters of the teacher").
+    torch.manual_seed(base.seed)
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    for m in student.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = params.dropout
+    head = snn.AdaptiveWeight().to(device) if params.adaptive_weight else None
+    extra = list(head.parameters()) if head is not None else []
+    opt = torch.optim.RAdam(list(student.parameters()) + extra, lr=params.lr, betas=(0.9, 0.99), eps=1e-8)
+    cfg = scm_config(params, base.sigma_data)
+    teacher_v = (lambda x_t, t: velocity(teacher, x_t, t, base.sigma_data)) if params.method == "scd" else None
+    loss_fn = lambda step, x0, gen: scm_loss(student, x0, cfg=cfg, step=step, teacher=teacher_v, weight_head=head,
+                                             generator=gen)
+    result = train(student, extra, loss_fn, data.train, steps=params.steps, batch_size=params.batch_size,
+                   optimizer=opt, warmup_steps=0, lr=params.lr, ema_half_life_kimg=params.ema_half_life_kimg,
+                   seed=base.seed + 1000, log_every=params.log_every, desc=f"distill-{scale}", progress=progress)
+
+    with atomic_output_dir(out_dir) as tmp:
+        save_model(tmp / "model.safetensors", result.ema.net, {**meta, "role": f"student-{params.method}"})
+        write_provenance(tmp, {"base": config.to_plain(base), "distill": config.to_plain(params), "scale": scale,
+                               "teacher": str(teacher_dir), "latents": str(latents_dir), "device": device})
+    last = result.history[-1]
+    metrics = {"scale": scale, "method": params.method, "n_params": meta["n_params"], "final_loss": last["loss"],
+               "final_g_norm": last.get("g_norm"), "nonfinite_samples": sum(r.get("nonfinite", 0) for r in result.history),
+               "skipped_steps": result.skipped_steps, "train_seconds": round(result.seconds, 2),
+               "wall_seconds": round(time.perf_counter() - start, 2)}
+    write_json(metrics_path, metrics)
+    write_history(history_path, result.history)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m stages.distill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_params_args(parser)
+    parser.add_argument("--scale", required=True, help=f"model scale ({', '.join(snn.SCALES)})")
+    parser.add_argument("--latents", type=Path, default=Path("data/latents"), help="encode stage output")
+    parser.add_argument("--teacher", type=Path, required=True, help="teacher stage output directory")
+    parser.add_argument("--out", type=Path, required=True, help="output directory, replaced whole on success")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    parser.add_argument("--history", type=Path, required=True, help="training-curve CSV to write")
+    args = parser.parse_args(argv)
+    p = config.load_args(args)
+    if p.base.threads:
+        torch.set_num_threads(p.base.threads)
+    device = pick_device(p.base.device)
+    m = run(p.distill, p.base, args.scale, args.latents, args.teacher, args.out, args.metrics, args.history, device=device)
+    print(f"distill-{args.scale}: {m['method']}, final loss {m['final_loss']:.4f}, {m['skipped_steps']} skipped steps, "
+          f"{m['wall_seconds']:.0f} s -> {args.out}")
+    return m
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(main))

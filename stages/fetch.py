@@ -1,0 +1,93 @@
+"""Fetching pretrained weights: a local path, an http(s) URL with a required sha256, or an MLflow model URI.
+
+Downloads go to a temporary file beside the destination, are hashed while they stream, and are renamed into place
+only when the sha256 matches; a mismatch or a broken connection deletes the partial file and fails with one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from stages.common import StageError
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, sha256: str, dest: Path, timeout: float = 30.0) -> Path:
+    """Download ``url`` to ``dest``, verifying ``sha256`` (required) before the file appears at ``dest``."""
+    sha256 = sha256.strip().lower()
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise StageError(f"{url}: a download needs its sha256 (64 hex characters), got {sha256!r}")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.part-", dir=dest.parent)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            expected = resp.headers.get("Content-Length")
+            received = 0
+            for chunk in iter(lambda: resp.read(CHUNK), b""):
+                out.write(chunk)
+                h.update(chunk)
+                received += len(chunk)
+        if expected is not None and received != int(expected):
+            raise StageError(f"{url}: truncated download ({received} of {expected} bytes)")
+        if h.hexdigest() != sha256:
+            raise StageError(f"{url}: sha256 mismatch (expected {sha256}, got {h.hexdigest()}); the file was deleted")
+        os.replace(tmp, dest)
+        return dest
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        raise StageError(f"{url}: download failed ({getattr(e, 'reason', e)})") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def fetch(source: str, sha256: str, dest: Path) -> Path:
+    """Make the model named by ``source`` available as the file ``dest`` and return it.
+
+    ``source``: a local file or directory (holding ``model.safetensors``), ``http(s)://...`` (``sha256`` required),
+    or an MLflow URI (``models:/name/version``, ``models:/name@alias``, ``runs:/id/path``).
+    """
+    dest = Path(dest)
+    if source.startswith(("http://", "https://")):
+        return download(source, sha256, dest)
+    if source.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp()))
+        except Exception as e:  # MLflow raises many types; all mean "not available"
+            raise StageError(f"{source}: MLflow could not provide this model ({str(e).splitlines()[0][:200]})") from None
+        if local.is_dir():
+            found = sorted(local.rglob("*.safetensors"))
+            if not found:
+                raise StageError(f"{source}: the MLflow artifact holds no .safetensors file")
+            local = found[0]
+        source = str(local)
+    path = Path(source)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise StageError(f"{source}: no such model file or directory")
+    if sha256 and sha256_file(path) != sha256.strip().lower():
+        raise StageError(f"{source}: sha256 mismatch (expected {sha256.strip().lower()}, got {sha256_file(path)})")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, dest)
+    return dest

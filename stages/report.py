@@ -1,0 +1,185 @@
+"""Report stage: every scale's numbers in one place, under ``reports/``.
+
+Consumes ``metrics/<scale>/{teacher,distill,evaluate}.json``, ``plots/<scale>/*_history.csv`` and the sample grids.
+Produces ``reports/summary.json`` (one entry per scale), ``reports/report.md``, ``reports/fid_vs_params.png`` (the
+paper's scaling figure at our scale: FID against parameter count for the teacher and sCM), ``reports/loss_curves.png``
+and ``reports/samples_<scale>.png`` (teacher | sCM 1-step | sCM 2-step grids side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from stages import config
+from stages.common import StageError, atomic_output_dir, cli, write_json, write_provenance
+
+STAGES = ("teacher", "distill", "evaluate")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise StageError(f"{path}: not found (run the pipeline up to evaluate for this scale)")
+    return json.loads(path.read_text())
+
+
+def _read_csv(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def summarise(scale: str, metrics_dir: Path, sample_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One scale's entry of ``summary.json``."""
+    m = {s: _read_json(metrics_dir / scale / f"{s}.json") for s in STAGES}
+    ev = m["evaluate"]
+    get = lambda k: ev.get(k)
+    return {
+        "scale": scale,
+        "n_params": m["teacher"]["n_params"],
+        "teacher_nfe": get("nfe_teacher"),
+        "fid_clf": {"teacher": get("fid_clf_teacher"), "scm1": get("fid_clf_scm1"), "scm2": get("fid_clf_scm2"),
+                    "recon": get("fid_clf_recon")},
+        "fid_clf_std": {"teacher": get("fid_clf_teacher_std"), "scm1": get("fid_clf_scm1_std"), "scm2": get("fid_clf_scm2_std")},
+        "fid_clf_ratio": {"scm1": get("fid_clf_ratio_scm1"), "scm2": get("fid_clf_ratio_scm2")},
+        "fid_inception": {"teacher": get("fid_inception_teacher"), "scm1": get("fid_inception_scm1"),
+                          "scm2": get("fid_inception_scm2"), "status": get("inception_status")},
+        "sec_per_image": {"teacher": get("sec_per_image_teacher"), "scm1": get("sec_per_image_scm1"),
+                          "scm2": get("sec_per_image_scm2"), "decoder": get("decoder_sec_per_image")},
+        "speedup": {"scm1": get("speedup_scm1"), "scm2": get("speedup_scm2")},
+        "speedup_fraction_of_nfe_ratio": {"scm1": get("speedup_scm1_fraction_of_nfe_ratio"),
+                                          "scm2": get("speedup_scm2_fraction_of_nfe_ratio")},
+        "wall_seconds": {s: m[s].get("wall_seconds") for s in STAGES},
+    }
+
+
+def plot_scaling(entries: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    n = [e["n_params"] / 1e6 for e in entries]
+    for key, label, style in (("teacher", "teacher (ODE)", "o-"), ("scm1", "sCM 1-step", "s--"), ("scm2", "sCM 2-step", "^-")):
+        y = [e["fid_clf"][key] for e in entries]
+        err = [e["fid_clf_std"].get(key) or 0 for e in entries]
+        ax.errorbar(n, y, yerr=err, fmt=style, capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("FID (classifier features, fid_clf)")
+    ax.set_title("Sample quality against model size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_losses(histories: dict[str, dict[str, list[dict[str, float]]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, stage in zip(axes, ("teacher", "distill")):
+        for scale, h in histories.items():
+            rows = [r for r in h[stage] if "loss" in r]
+            if rows:
+                ax.plot([r["kimg"] for r in rows], [r.get("mse", r["loss"]) for r in rows], label=scale)
+        ax.set_title(f"{stage}: " + ("diffusion MSE (F-space)" if stage == "teacher" else "sCM ‖F − F⁻ − g‖²/D"))
+        ax.set_xlabel("thousands of images")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def side_by_side(grids: list[Path], path: Path) -> None:
+    from PIL import Image
+
+    images = [Image.open(g).convert("RGB") for g in grids]
+    pad = 8
+    w = sum(i.width for i in images) + pad * (len(images) - 1)
+    h = max(i.height for i in images)
+    canvas = Image.new("RGB", (w, h), "white")
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width + pad
+    canvas.save(path)
+
+
+def markdown(entries: list[dict[str, Any]], title: str) -> str:
+    f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
+    lines = [f"# {title}", "", "FID in the classifier's feature space (`fid_clf`, mean ± std over sample seed sets); "
+             "ratio = sCM / teacher; speedup = teacher sampler time / sCM sampler time (same batch, decoder excluded).", "",
+             "| scale | params (M) | teacher NFE | FID teacher | FID sCM 1-step | FID sCM 2-step | rFID floor | ratio 1-step | ratio 2-step "
+             "| ms/img teacher | ms/img 1-step | ms/img 2-step | speedup 2-step (of NFE ratio) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        fc, sd = e["fid_clf"], e["fid_clf_std"]
+        pm = lambda k: f"{f(fc[k])} ± {f(sd.get(k))}"
+        lines.append(f"| {e['scale']} | {e['n_params'] / 1e6:.2f} | {e['teacher_nfe']} | {pm('teacher')} | {pm('scm1')} | "
+                     f"{pm('scm2')} | {f(fc['recon'])} | {f(e['fid_clf_ratio']['scm1'])} | {f(e['fid_clf_ratio']['scm2'])} | "
+                     f"{f(e['sec_per_image']['teacher'] * 1e3, 3)} | {f(e['sec_per_image']['scm1'] * 1e3, 3)} | "
+                     f"{f(e['sec_per_image']['scm2'] * 1e3, 3)} | {f(e['speedup']['scm2'], 1)}x "
+                     f"({f(e['speedup_fraction_of_nfe_ratio']['scm2'])}) |")
+    lines += ["", "![FID against parameters](fid_vs_params.png)", "", "![Training curves](loss_curves.png)", ""]
+    for e in entries:
+        lines += [f"## {e['scale']}: teacher | sCM 1-step | sCM 2-step", "", f"![samples {e['scale']}](samples_{e['scale']}.png)", ""]
+    status = entries[0]["fid_inception"]["status"] if entries else None
+    lines += [f"Inception FID: {status}.", ""]
+    return "\n".join(lines)
+
+
+def run(params: config.ReportParams, base: config.BaseParams, *, metrics_dir: Path, plots_dir: Path,
+        artifacts_dir: Path, out_dir: Path, latents_dir: Path | None = None) -> dict[str, Any]:
+    entries = [summarise(s, metrics_dir) for s in base.scales]
+    histories = {s: {st: _read_csv(plots_dir / s / f"{st}_history.csv") for st in ("teacher", "distill")} for s in base.scales}
+    with atomic_output_dir(out_dir) as tmp:
+        write_json(tmp / "summary.json", {"scales": entries})
+        plot_scaling(entries, tmp / "fid_vs_params.png")
+        plot_losses(histories, tmp / "loss_curves.png")
+        for s in base.scales:
+            grids = [artifacts_dir / s / "samples" / f"grid_{m}.png" for m in ("teacher", "scm1", "scm2")]
+            missing = [g for g in grids if not g.is_file()]
+            if missing:
+                raise StageError(f"{missing[0]}: not found (run the sample stage for scale {s!r})")
+            side_by_side(grids, tmp / f"samples_{s}.png")
+        (tmp / "report.md").write_text(markdown(entries, params.title))
+        if latents_dir is not None and (Path(latents_dir) / "recon_grid.png").is_file():
+            shutil.copyfile(Path(latents_dir) / "recon_grid.png", tmp / "recon_grid.png")
+        write_provenance(tmp, {"base": config.to_plain(base), "report": config.to_plain(params)})
+    return {"scales": entries}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_params_args(parser)
+    parser.add_argument("--metrics", type=Path, default=Path("metrics"))
+    parser.add_argument("--plots", type=Path, default=Path("plots"))
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--latents", type=Path, default=Path("data/latents"), help="for the reconstruction grid")
+    parser.add_argument("--out", type=Path, default=Path("reports"))
+    args = parser.parse_args(argv)
+    p = config.load_args(args)
+    out = run(p.report, p.base, metrics_dir=args.metrics, plots_dir=args.plots, artifacts_dir=args.artifacts, out_dir=args.out,
+              latents_dir=args.latents)
+    for e in out["scales"]:
+        print(f"report: {e['scale']}: fid_clf teacher {e['fid_clf']['teacher']:.3f} / 1-step {e['fid_clf']['scm1']:.3f} / "
+              f"2-step {e['fid_clf']['scm2']:.3f}; speedup 2-step {e['speedup']['scm2']:.1f}x")
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(main))

@@ -1,0 +1,88 @@
+"""Teacher stage (per scale): a TrigFlow diffusion model on the latents, trained here or fetched.
+
+Consumes ``data/latents`` (encode stage). Produces ``artifacts/<scale>/teacher/model.safetensors`` (the EMA weights,
+self-describing) with ``resolved_params.json``, the metrics file ``metrics/<scale>/teacher.json`` and the training
+curve ``plots/<scale>/teacher_history.csv``.
+
+Training follows the paper's teacher recipe at CPU size: the TrigFlow diffusion loss (Eq. 4) with the log-normal
+proposal and adaptive weighting, Adam with a short warm-up, EMA weights for everything downstream (App. G).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scm import nn as snn
+from scm.losses import diffusion_loss
+from stages import config
+from stages.common import StageError, atomic_output_dir, cli, pick_device, write_json, write_provenance
+from stages.fetch import fetch
+from stages.training import build_net, load_latents, load_model, save_model, train, write_history
+
+
+def run(params: config.TeacherParams, base: config.BaseParams, scale: str, latents_dir: Path, out_dir: Path,
+        metrics_path: Path, history_path: Path, *, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Train (or fetch) the teacher of ``scale``; write its EMA weights and metrics."""
+    start = time.perf_counter()
+    if scale not in snn.SCALES:
+        raise StageError(f"scale {scale!r}: unknown (accepted: {', '.join(snn.SCALES)})")
+    data = load_latents(latents_dir)
+    history: list[dict[str, float]] = []
+    with atomic_output_dir(out_dir) as tmp:
+        if params.source == "train":
+            torch.manual_seed(base.seed)
+            net = build_net(scale, data.shape, params.dropout).to(device)
+            head = snn.AdaptiveWeight().to(device) if params.adaptive_weight else None
+            extra = list(head.parameters()) if head is not None else []
+            opt = torch.optim.Adam(list(net.parameters()) + extra, lr=params.lr, betas=(0.9, 0.999), eps=1e-8)
+            loss_fn = lambda step, x0, gen: diffusion_loss(net, x0, sigma_data=base.sigma_data, P_mean=params.P_mean,
+                                                           P_std=params.P_std, weight_head=head, generator=gen)
+            result = train(net, extra, loss_fn, data.train, steps=params.steps, batch_size=params.batch_size,
+                           optimizer=opt, warmup_steps=params.warmup_steps, lr=params.lr,
+                           ema_half_life_kimg=params.ema_half_life_kimg, seed=base.seed, log_every=params.log_every,
+                           desc=f"teacher-{scale}", progress=progress)
+            meta = {"role": "teacher", "scale": scale, "latent_shape": list(data.shape), "sigma_data": base.sigma_data}
+            save_model(tmp / "model.safetensors", result.ema.net, meta)
+            history, train_seconds, skipped = result.history, result.seconds, result.skipped_steps
+        else:
+            fetch(params.source, params.sha256, tmp / "model.safetensors")
+            load_model(tmp, expect_shape=data.shape, expect_scale=scale)  # refuse a teacher of another scale/shape
+            train_seconds, skipped = 0.0, 0
+        _, meta = load_model(tmp)
+        write_provenance(tmp, {"base": config.to_plain(base), "teacher": config.to_plain(params), "scale": scale,
+                               "latents": str(latents_dir), "device": device})
+    metrics = {"scale": scale, "n_params": meta["n_params"], "source": params.source,
+               "final_loss": history[-1]["loss"] if history else None, "train_seconds": round(train_seconds, 2),
+               "skipped_steps": skipped, "wall_seconds": round(time.perf_counter() - start, 2)}
+    write_json(metrics_path, metrics)
+    write_history(history_path, history or [{"step": 0}])
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m stages.teacher", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_params_args(parser)
+    parser.add_argument("--scale", required=True, help=f"model scale ({', '.join(snn.SCALES)})")
+    parser.add_argument("--latents", type=Path, default=Path("data/latents"), help="encode stage output")
+    parser.add_argument("--out", type=Path, required=True, help="output directory, replaced whole on success")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    parser.add_argument("--history", type=Path, required=True, help="training-curve CSV to write")
+    args = parser.parse_args(argv)
+    p = config.load_args(args)
+    if p.base.threads:
+        torch.set_num_threads(p.base.threads)
+    device = pick_device(p.base.device)
+    m = run(p.teacher, p.base, args.scale, args.latents, args.out, args.metrics, args.history, device=device)
+    print(f"teacher-{args.scale}: {m['n_params'] / 1e6:.2f} M params, source {m['source']}, final loss {m['final_loss']}, "
+          f"{m['wall_seconds']:.0f} s -> {args.out}")
+    return m
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(main))

@@ -62,9 +62,16 @@ def load_latents(latents_dir: Path) -> Latents:
         raise StageError(f"{path}: missing tensors {sorted(missing)}")
     if len(t["train"]) == 0:
         raise StageError(f"{path}: the train split is empty")
+    if t["train"].ndim != 4 or t["eval"].shape[1:] != t["train"].shape[1:]:
+        raise StageError(f"{path}: expected train/eval latents of shape (N, C, H, W) alike, "
+                         f"got {list(t['train'].shape)} and {list(t['eval'].shape)}")
     if not torch.isfinite(t["train"]).all():
         raise StageError(f"{path}: the train latents contain NaN or inf")
-    return Latents(t["train"], t["train_labels"], t["eval"], t["eval_labels"], json.loads(meta.read_text()))
+    try:
+        codec = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageError(f"{meta}: not valid JSON ({e})") from None
+    return Latents(t["train"], t["train_labels"], t["eval"], t["eval_labels"], codec)
 
 
 def minibatches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
@@ -96,39 +103,62 @@ def save_model(path: Path, net: nn.Module, meta: dict[str, Any]) -> None:
     atomic_replace_file(Path(path), lambda tmp: save_file(state, str(tmp), metadata={"scm": json.dumps(info)}))
 
 
-def read_model_meta(path: Path) -> dict[str, Any]:
+def read_model_meta(path: Path, *, name: str | None = None) -> dict[str, Any]:
+    """The JSON description a model file carries; errors begin with ``name`` (default: the path)."""
+    who = name or path
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise StageError(f"{path}: not a readable safetensors model file ({str(e).splitlines()[0]})") from None
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            head = b""
+        pickle = head.startswith((b"PK\x03\x04", b"\x80"))  # torch.save's zip container, or a bare pickle
+        hint = "; it looks like a pickle checkpoint (torch.save), refused: unpickling can run code" if pickle else ""
+        raise StageError(f"{who}: not a readable safetensors model file ({str(e).splitlines()[0]}){hint}") from None
     if "scm" not in meta:
-        raise StageError(f"{path}: no 'scm' metadata: not a model file written by this project")
-    return json.loads(meta["scm"])
+        raise StageError(f"{who}: no 'scm' metadata: not a model file written by this project")
+    try:
+        info = json.loads(meta["scm"])
+    except json.JSONDecodeError as e:
+        raise StageError(f"{who}: the 'scm' metadata is not valid JSON ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("unet"), dict):
+        raise StageError(f"{who}: the 'scm' metadata does not describe a network (no 'unet' mapping)")
+    return info
 
 
 def load_model(path: Path, *, expect_shape: tuple[int, ...] | None = None, expect_scale: str | None = None,
-               device: str | torch.device = "cpu") -> tuple[snn.UNet, dict[str, Any]]:
-    """Load a model file (or a directory holding ``model.safetensors``); check it fits the data and the scale."""
+               device: str | torch.device = "cpu", name: str | None = None) -> tuple[snn.UNet, dict[str, Any]]:
+    """Load a model file (or a directory holding ``model.safetensors``); check it fits the data and the scale.
+
+    Errors begin with ``name`` (default: the path), e.g. the user's ``teacher.source`` when ``path`` is a fetched copy.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
+    who = name or path
     if not path.is_file():
-        raise StageError(f"{path}: model file not found")
-    meta = read_model_meta(path)
+        raise StageError(f"{who}: model file not found")
+    meta = read_model_meta(path, name=name)
     if expect_scale is not None and meta.get("scale") != expect_scale:
-        raise StageError(f"{path}: a model of scale {meta.get('scale')!r}, but scale {expect_scale!r} was asked for")
+        raise StageError(f"{who}: a model of scale {meta.get('scale')!r}, but scale {expect_scale!r} was asked for")
     if expect_shape is not None and tuple(meta.get("latent_shape", ())) != tuple(expect_shape):
-        raise StageError(f"{path}: trained on latents of shape {tuple(meta.get('latent_shape', ()))}, "
+        raise StageError(f"{who}: trained on latents of shape {tuple(meta.get('latent_shape', ()))}, "
                          f"but the data has shape {tuple(expect_shape)}")
-    cfg = snn.UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["unet"].items()})
-    net = snn.UNet(cfg)
+    try:
+        cfg = snn.UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["unet"].items()})
+        net = snn.UNet(cfg)
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:
+        raise StageError(f"{who}: the 'scm' metadata describes no valid network "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     try:
         net.load_state_dict(load_file(str(path)))
     except (RuntimeError, SafetensorError) as e:
-        raise StageError(f"{path}: weights do not match the network they describe ({str(e).splitlines()[0][:200]})") from None
+        raise StageError(f"{who}: weights do not match the network they describe ({' '.join(str(e).split())[:300]})") from None
     return net.to(device).eval().requires_grad_(False), meta
 
 

@@ -1,0 +1,107 @@
+"""Helpers shared by test packages: the temporary git + DVC project of ``tests/test_dvc_pipeline.py``.
+
+``make_project`` and ``run`` are that module's own functions, loaded by path (the tests directory is not a package),
+so every suite builds its project the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+_spec = importlib.util.spec_from_file_location("_dvc_pipeline_helpers", TESTS / "test_dvc_pipeline.py")
+_module = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _module
+_spec.loader.exec_module(_module)
+
+make_project = _module.make_project  # (dest, profile="smoke") -> a fresh git + DVC repository with the project's code
+run = _module._run  # (args, cwd, **kw) -> output; asserts exit code 0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Prefect: what the flow tests read back from the server.
+
+
+def prefect_env(api_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a Prefect CLI subprocess talking to the test server."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")}
+    env.update(PREFECT_API_URL=api_url, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def task_runs(flow_run_id) -> dict[str, Any]:
+    """The task runs of one flow run, by name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r for r in runs}
+
+
+def logs(task_run_id=None, flow_run_id=None, expect: str | None = None, timeout: float = 20.0) -> list[str]:
+    """Log messages stored by the server for a task or flow run (waiting up to ``timeout`` for ``expect``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTaskRunId
+
+    flt = LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])) if task_run_id else \
+        LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            messages, offset = [], 0
+            while batch := client.read_logs(log_filter=flt, limit=200, offset=offset):
+                messages += [log.message for log in batch]
+                offset += len(batch)
+        if expect is None or any(expect in m for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.5)
+
+
+def artifacts(flow_run_id) -> dict[str, Any]:
+    """The artifacts created in one flow run, by key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in found if a.key}
+
+
+def wait_for_flow_run(flow_run_id, timeout: float = 300.0, poll: float = 1.0):
+    """Poll the server until the flow run is in a final state; return that flow run."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {flow_run_id} still {run.state.name if run.state else 'pending'} after {timeout} s")
+            time.sleep(poll)
+
+
+def sh(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    """Run a command that must succeed (with this environment, or ours); its output."""
+    import subprocess
+
+    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{args} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout + res.stderr

@@ -1,0 +1,98 @@
+"""A real ``mlflow server`` (SQLite backend, bound to 127.0.0.1 on a free port) as the shared store of the scale-out
+setup: a run logged over HTTP reads back, and the flows' per-scale record (params, curves, artifacts, registered
+student) works over HTTP as it does on SQLite, including ``models:/`` retrieval by the fetch helper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from helpers import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{root / 'm.db'}", "--artifacts-destination",
+                             str(root / "artifacts"), "--workers", "1"],
+                            cwd=root, env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_run_logged_over_http_reads_back(mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=mlflow_server)
+    exp = c.create_experiment("http-roundtrip")
+    run = c.create_run(exp, run_name="roundtrip", tags={"scm.scale": "cpu-xs"})
+    c.log_param(run.info.run_id, "n_params", 166388)
+    for step, value in enumerate((3.0, 2.0, 1.5)):
+        c.log_metric(run.info.run_id, "teacher/loss", value, step=step)
+    note = tmp_path / "note.txt"
+    note.write_text("hello over http")
+    c.log_artifact(run.info.run_id, str(note), "notes")
+    c.set_terminated(run.info.run_id)
+
+    back = MlflowClient(tracking_uri=mlflow_server).get_run(run.info.run_id)
+    assert back.info.status == "FINISHED" and back.data.params["n_params"] == "166388"
+    assert back.data.tags["scm.scale"] == "cpu-xs" and back.data.metrics["teacher/loss"] == 1.5
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "teacher/loss")] == [0, 1, 2]
+    local = c.download_artifacts(run.info.run_id, "notes/note.txt", str(tmp_path / "dl"))
+    assert Path(local).read_text() == "hello over http"
+
+
+def test_the_flow_record_and_registry_work_against_the_server(mlflow_server, reproduced, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipeline import tracking as T
+    from stages.config import load
+    from stages.fetch import fetch
+
+    project = reproduced.project
+    assert T.artifact_location(mlflow_server, project) is None  # the server decides where artifacts go
+    record = T.open_parent(mlflow_server, project, "smoke", run_name="over-http", params={"profile": "smoke"}, tags={})
+    stages = [s["stage"] for s in reproduced.result["stages"]]
+    summary = T.log_scale(record, project, "cpu-xs", load(project / "params.yaml").to_dict(), stages=stages)
+    T.close(record, "FINISHED")
+
+    c = MlflowClient(mlflow_server)
+    child = c.get_run(summary["run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == record.run_id and child.data.params["distill.steps"] == "6"
+    assert child.data.metrics["fid_clf_scm2"] > 0 and c.get_metric_history(summary["run_id"], "distill/loss")
+    table = T.scaling_table(mlflow_server, record.experiment_id, f"tags.mlflow.parentRunId = '{record.run_id}'")
+    assert list(table["scale"]) == ["cpu-xs"] and table["n_params"].dtype.kind == "i"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    got = fetch(f"models:/{T.model_name('smoke', 'cpu-xs')}/{summary['model_version']}", "", tmp_path / "m.safetensors")
+    assert got.read_bytes() == (project / "artifacts/cpu-xs/distill/model.safetensors").read_bytes()

@@ -1,0 +1,150 @@
+"""The pieces of the flows without running stages: validation, params.yaml placement, stage order, log streaming,
+failure classification, sweep points and the command line."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import ROOT, make_project
+from pipeline import cli
+from pipeline import project as P
+from stages.common import StageError
+from stages.config import load
+
+
+@pytest.fixture
+def params_dir(tmp_path) -> Path:
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory) -> Path:
+    return make_project(tmp_path_factory.mktemp("parts"))
+
+
+@pytest.mark.parametrize("profile, overrides, scales, named", [
+    ("nope", None, None, "profile: unknown profile 'nope'"),
+    ("smoke", ["distill.stepz=3"], None, "distill.stepz: unknown key"),
+    ("smoke", ["nosection.x=1"], None, "nosection: unknown section"),
+    ("smoke", ["teacher.lr=-1"], None, "teacher.lr"),
+    ("smoke", None, ["cpu-xs", "huge"], "base.scales: unknown scale 'huge'"),
+    ("cifar10-gpu", None, None, "pass -S 'base.scales=[S,M]'"),
+    ("smoke", ["profile=smoke"], None, "profile: choose it with the profile parameter"),
+])
+def test_configure_names_the_bad_input_and_changes_nothing(params_dir, profile, overrides, scales, named):
+    before = (params_dir / "params.yaml").read_text()
+    with pytest.raises(StageError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        P.configure(params_dir, profile, overrides, scales)
+    assert (params_dir / "params.yaml").read_text() == before
+
+
+def test_write_params_makes_the_stages_read_exactly_the_request(params_dir):
+    cfg = P.configure(params_dir, "smoke", ["distill.steps=4", "teacher.source=/elsewhere"], ["cpu-xs"])
+    assert P.write_params(cfg)
+    assert not P.write_params(P.configure(params_dir, "smoke", ["distill.steps=4", "teacher.source=/elsewhere"], ["cpu-xs"]))
+    assert load(params_dir / "params.yaml").to_dict() == cfg.params.to_dict()  # what every stage will now read
+    raw = yaml.safe_load((params_dir / "params.yaml").read_text())
+    assert raw["profile"] == "smoke"
+    assert raw["profiles"]["smoke"]["distill"]["steps"] == 4  # the profile sets it: a top-level value would be shadowed
+    assert raw["teacher"]["source"] == "/elsewhere" and "source" not in raw["profiles"]["smoke"]["teacher"]
+    assert raw["base"]["scales"] == ["cpu-xs"] == raw["profiles"]["smoke"]["base"]["scales"]  # dvc.yaml foreach
+    text = (params_dir / "params.yaml").read_text()
+    assert "# model scales of the per-scale stages" in text and "scales: [cpu-xs]" in text  # comments and flow style kept
+
+
+def test_default_profile_overrides_go_to_the_top_level(params_dir):
+    cfg = P.configure(params_dir, "default", {"distill.steps": 700}, None)
+    P.write_params(cfg)
+    raw = yaml.safe_load((params_dir / "params.yaml").read_text())
+    assert raw["distill"]["steps"] == 700 and raw["profiles"]["smoke"]["distill"]["steps"] == 6
+
+
+def test_stage_order_follows_dvc_and_reads_like_the_study(dvc_project):
+    order = P.stage_order(dvc_project, ("cpu-xs", "cpu-s"))
+    per_scale = lambda x: [f"{s}@{x}" for s in ("teacher", "distill", "sample", "evaluate")]
+    assert order == ["data", "encode", "classifier", *per_scale("cpu-xs"), *per_scale("cpu-s"), "report"]
+    assert [P.task_name(s) for s in order[3:5]] == ["teacher-cpu-xs", "distill-cpu-xs"]
+    with pytest.raises(StageError, match="no stage 'teacher@cpu-m'"):
+        P.stage_order(dvc_project, ("cpu-m",))
+
+
+def test_stream_logs_lines_and_thins_progress_redraws(tmp_path):
+    script = ("import sys, time\n"
+              "print('first line', flush=True)\n"
+              "for i in range(5): sys.stderr.write(f'\\rbar {i}/4'); sys.stderr.flush()\n"
+              "sys.stderr.write('\\rbar 4/4 done\\n'); sys.stderr.flush()\n"
+              "print('error: the last word', file=sys.stderr)\n"
+              "sys.exit(2)\n")
+    seen: list[str] = []
+    code, tail = P.stream([sys.executable, "-c", script], tmp_path, P.subprocess_env(), seen.append)
+    assert code == 2 and seen[0] == "first line" and seen[-1] == "error: the last word"
+    assert "bar 4/4 done" in seen and len([s for s in seen if s.startswith("bar")]) <= 2  # one redraw, then the final
+    assert P.failure_message(tail, code) == "error: the last word"
+
+
+def test_failures_are_classified_for_retries():
+    assert P.failure_message(["x", "ERROR: failed to reproduce 'data': exited with 1"], 255).startswith("ERROR: failed")
+    assert P.failure_message([], 3) == "exited with 3"
+    assert P.TRANSIENT.search("ERROR: Unable to acquire lock. Most likely another DVC process is running")
+    assert P.TRANSIENT.search("failed to run: python -m stages.teacher, exited with -9")
+    assert not P.TRANSIENT.search("failed to run: python -m stages.teacher, exited with 2")
+
+
+def test_retry_condition_retries_only_transient_failures():
+    from prefect.states import Failed
+
+    from pipeline.flows import _retry_transient
+
+    transient = P.StageFailed("data", "ERROR: Unable to acquire lock", returncode=255, transient=True)
+    permanent = P.StageFailed("teacher@cpu-xs", "error: /x: no such model", returncode=255, transient=False)
+    assert _retry_transient(None, None, Failed(data=transient))
+    assert not _retry_transient(None, None, Failed(data=permanent))
+    assert str(permanent) == "teacher@cpu-xs: error: /x: no such model"
+
+
+def test_subprocess_env_never_passes_a_run_id(monkeypatch):
+    monkeypatch.setenv("MLFLOW_RUN_ID", "abc")
+    env = P.subprocess_env("sqlite:////tmp/x.db")
+    assert "MLFLOW_RUN_ID" not in env and env["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/x.db"
+    assert env["DO_NOT_TRACK"] == "true" and env["PATH"].startswith(str(Path(sys.executable).parent))
+
+
+def test_sweep_points_and_grid_parsing():
+    from pipeline.flows import sweep_points
+
+    grid = cli.parse_grid(["distill.steps=4,8", "base.scales=[[cpu-xs],[cpu-s]]", "distill.method=[scd, sct]"])
+    assert grid == {"distill.steps": [4, 8], "base.scales": [["cpu-xs"], ["cpu-s"]], "distill.method": ["scd", "sct"]}
+    points = sweep_points({"distill.steps": [4, 8]}, ["cpu-xs", "cpu-s"])
+    assert [label for label, _ in points] == ["cpu-xs,distill.steps=4", "cpu-xs,distill.steps=8",
+                                              "cpu-s,distill.steps=4", "cpu-s,distill.steps=8"]
+    assert points[0][1] == {"base.scales": ["cpu-xs"], "distill.steps": 4}
+    with pytest.raises(StageError, match="nothing to sweep"):
+        sweep_points(None, None)
+
+
+def test_tracking_uri_is_anchored_in_the_project(tmp_path, monkeypatch):
+    from pipeline import tracking as T
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert T.tracking_uri(tmp_path) == f"sqlite:////{str(tmp_path.resolve()).lstrip('/')}/mlflow.db"
+    assert T.artifact_location(T.tracking_uri(tmp_path), tmp_path) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert T.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_cli_help_and_bad_input(params_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0 and "reproduce" in capsys.readouterr().out
+    assert cli.main(["reproduce", "--project", str(params_dir), "--profile", "nope"]) == 2
+    assert "error: profile: unknown profile 'nope'" in capsys.readouterr().err
+    assert cli.main(["sweep", "--project", str(params_dir), "--profile", "smoke", "-G", "distill.steps=4,0"]) == 2
+    assert "distill.steps" in capsys.readouterr().err
+    assert not (params_dir / "data").exists()

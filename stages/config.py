@@ -385,7 +385,12 @@ def parse_overrides(items: list[str]) -> dict:
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise StageError(f"override {item!r}: {key.rsplit('.', 1)[0]} is a value, not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise StageError(f"override {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
     return out
 
 
@@ -396,7 +401,7 @@ def load(path: str | Path = "params.yaml", profile: str | None = None, overrides
         raise StageError(f"{path}: params file not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise StageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)

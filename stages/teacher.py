@@ -51,7 +51,7 @@ def run(params: config.TeacherParams, base: config.BaseParams, scale: str, laten
             history, train_seconds, skipped = result.history, result.seconds, result.skipped_steps
         else:
             fetch(params.source, params.sha256, tmp / "model.safetensors")
-            load_model(tmp, expect_shape=data.shape, expect_scale=scale)  # refuse a teacher of another scale/shape
+            load_model(tmp, expect_shape=data.shape, expect_scale=scale, name=f"teacher.source={params.source!r}")  # refuse a teacher of another scale/shape
             train_seconds, skipped = 0.0, 0
         _, meta = load_model(tmp)
         write_provenance(tmp, {"base": config.to_plain(base), "teacher": config.to_plain(params), "scale": scale,

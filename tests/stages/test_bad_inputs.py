@@ -182,7 +182,6 @@ def S(*kvs: str) -> tuple[str, ...]:
     return tuple(a for kv in kvs for a in ("-S", kv))
 
 
-XFAIL_CONFIG = "stages/config.py lets this escape as a traceback with exit code 1 instead of a StageError"
 
 CASES = [
     # params.yaml and -S overrides. The whole file is validated whatever the stage, so most rows use the data stage
@@ -213,12 +212,9 @@ CASES = [
     Case("params-file-missing", "data", ("--params", "nope.yaml"), ("nope.yaml", "not found")),
     Case("params-not-yaml", "data", ("--params", "{params_bad_yaml}"), ("{params_bad_yaml}", "not valid YAML")),
     Case("params-a-list", "data", ("--params", "{params_list}"), ("expected a mapping at the top level",)),
-    pytest.param(Case("override-not-yaml", "data", S("teacher.steps=[1"), ("teacher.steps",)),
-                 marks=pytest.mark.xfail(strict=True, reason=XFAIL_CONFIG + ": parse_overrides calls yaml.safe_load(value) without catching yaml.YAMLError")),
-    pytest.param(Case("override-into-a-scalar", "data", S("teacher.steps.max=3"), ("teacher.steps",)),
-                 marks=pytest.mark.xfail(strict=True, reason=XFAIL_CONFIG + ": parse_overrides descends into an earlier scalar override (TypeError)")),
-    pytest.param(Case("params-binary-file", "data", ("--params", "{params_binary}"), ("{params_binary}",)),
-                 marks=pytest.mark.xfail(strict=True, reason=XFAIL_CONFIG + ": load catches yaml.YAMLError but not UnicodeDecodeError")),
+    Case("override-not-yaml", "data", S("teacher.steps=[1"), ("teacher.steps",)),
+    Case("override-into-a-scalar", "data", S("teacher.steps.max=3"), ("teacher.steps",)),
+    Case("params-binary-file", "data", ("--params", "{params_binary}"), ("{params_binary}",)),
     # Scales.
     Case("unknown-scale", "teacher", ("--scale", "huge"), ("'huge'", "cpu-xs")),
     # Missing files.
@@ -351,14 +347,9 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case: Case, launched, f
 
 SOURCE_CASES = [c for c in CASES if isinstance(c, Case) and c.names_source]
 _SOURCE_NAMED_BY_FETCH = {"unreachable-url", "url-with-bad-sha256"}
-XFAIL_TEACHER = ("stages/teacher.py validates a fetched teacher as the temporary copy <out>.tmp-*/model.safetensors, "
-                 "so the error names a path that no longer exists instead of teacher.source (fix: pass "
-                 "name=f'teacher.source={params.source!r}' to that load_model call)")
 
 
-@pytest.mark.parametrize("case", [c if c.id in _SOURCE_NAMED_BY_FETCH else
-                                  pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=XFAIL_TEACHER))
-                                  for c in SOURCE_CASES], ids=[c.id for c in SOURCE_CASES])
+@pytest.mark.parametrize("case", SOURCE_CASES, ids=[c.id for c in SOURCE_CASES])
 def test_a_fetched_teacher_error_names_the_source(case: Case, launched, fx):
     """The error about a teacher.source names what the user wrote, not a temporary file."""
     r: Result = launched[case.id].result()

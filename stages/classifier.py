@@ -24,7 +24,6 @@ Usage: ``python -m stages.classifier --params params.yaml --data data/prepared -
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import time
@@ -36,8 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from stages.common import StageError, atomic_output_dir, cli, pick_device, write_json, write_provenance
-from stages.config import BaseParams, ClassifierParams, load, to_plain
+from stages.common import StageError, atomic_output_dir, cli, pick_device, sha256_file, write_json, write_provenance
+from stages.config import BaseParams, ClassifierParams, add_params_args, load_args, to_plain
 
 WEIGHTS = "model.safetensors"
 ARCHITECTURE = "scm-cnn-v1"  # bump when Classifier changes shape, so old weight files are rejected, not misread
@@ -149,14 +148,6 @@ def accuracy(net: Classifier, images: Tensor, labels: Tensor, batch_size: int = 
 
 # --------------------------------------------------------------------------------------------------------------
 # Weights on disk.
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_classifier(net: Classifier, path: Path) -> None:
@@ -282,19 +273,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description="Train the small CNN whose features define fid_clf/kid_clf/precision_clf (data/prepared train split) "
         "and report its accuracy on the eval split.",
     )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
-    parser.add_argument("--profile", default=None, help="profile to apply (default: the file's `profile` key)")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one parameter, e.g. -S classifier.steps=100 (repeatable)")
+    add_params_args(parser)
     parser.add_argument("--data", type=Path, required=True, help="prepared-data directory (from the data stage)")
     parser.add_argument("--out", type=Path, required=True, help="output directory, replaced whole on success")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved base and classifier params and exit")
     args = parser.parse_args(argv)
 
-    params = load(args.params, args.profile, args.overrides)
-    if args.dry_run:
-        print(json.dumps({"base": to_plain(params.base), "classifier": to_plain(params.classifier)}, indent=2))
-        return {}
+    params = load_args(args)
     from stages.data import load_split  # here: the data stage's readers are only needed when the stage runs
 
     if params.base.threads:

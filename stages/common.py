@@ -8,6 +8,7 @@ renamed into place only when complete, so a crash never leaves a half-written ou
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +41,15 @@ def git_commit(cwd: Path | None = None) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -119,6 +129,8 @@ def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # argparse errors (2), --help and --dry-run (0)
+        return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from stages import config
-from stages.common import StageError, atomic_output_dir, cli, write_json, write_provenance
+from stages.common import StageError, atomic_output_dir, cli, sha256_file, write_json, write_provenance
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +115,7 @@ def run(params: config.DataParams, seed: int, out_dir: Path, *, progress: bool =
             "num_classes": len(pool.class_names),
             "class_names": list(pool.class_names),
             "label_counts": {str(k): v for k, v in sorted(Counter(labels.tolist()).items())},
-            "sha256": _sha256(tmp / PARQUET),
+            "sha256": sha256_file(tmp / PARQUET),
             "eval_fraction": round(len(eval_) / len(indices), 6),  # realised, not requested
             "seed": seed,
         }
@@ -396,14 +396,6 @@ def _write_parquet(path: Path, pngs: list[bytes], labels: np.ndarray, splits: li
     pq.write_table(table, path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(prepared_dir: Path) -> dict[str, Any]:
     """The ``manifest.json`` of a prepared directory (shape, counts, num_classes, ...)."""
     path = Path(prepared_dir) / MANIFEST
@@ -469,16 +461,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         epilog="example:\n  python -m stages.data --params params.yaml --out data/prepared -S data.max_images=1000",
     )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
-    parser.add_argument("--profile", default=None, help="profile under profiles: (default: the file's profile key)")
-    parser.add_argument(
-        "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one parameter, e.g. -S data.source=cifar10 (repeatable)",
-    )
+    config.add_params_args(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory, replaced whole on success")
     args = parser.parse_args(argv)
 
-    params = config.load(args.params, args.profile, args.overrides)
+    params = config.load_args(args)
     start = time.perf_counter()
     manifest = run(params.data, params.base.seed, args.out, progress=True)
     counts, shape = manifest["counts"], manifest["shape"]

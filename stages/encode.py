@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stages.common import StageError, atomic_output_dir, cli, pick_device, write_json, write_provenance
-from stages.config import BaseParams, EncodeParams, load, to_plain
+from stages.config import BaseParams, EncodeParams, add_params_args, load_args, to_plain
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -409,19 +409,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description="Encode the prepared images into latents standardised per channel to sigma_data "
         "(codec: identity = pixels, train = a small AutoencoderKL fitted here, pretrained = e.g. sd-vae-ft-mse).",
     )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
-    parser.add_argument("--profile", default=None, help="profile to apply (default: the file's `profile` key)")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one parameter, e.g. -S encode.steps=50 (repeatable)")
+    add_params_args(parser)
     parser.add_argument("--data", type=Path, required=True, help="prepared-data directory (from the data stage)")
     parser.add_argument("--out", type=Path, required=True, help="output directory, replaced whole on success")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved base and encode params and exit")
     args = parser.parse_args(argv)
 
-    params = load(args.params, args.profile, args.overrides)
-    if args.dry_run:
-        print(json.dumps({"base": to_plain(params.base), "encode": to_plain(params.encode)}, indent=2))
-        return {}
+    params = load_args(args)
     if params.base.threads:
         torch.set_num_threads(params.base.threads)
     device = pick_device(params.base.device)

@@ -16,17 +16,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from stages.common import StageError
+from stages.common import StageError, sha256_file
 
 CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(url: str, sha256: str, dest: Path, timeout: float = 30.0) -> Path:

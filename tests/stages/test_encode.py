@@ -3,12 +3,12 @@ inputs that fail in one line while leaving the output directory alone."""
 
 from __future__ import annotations
 
+import yaml
 import hashlib
 import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -227,7 +227,7 @@ def test_cli_summary_and_errors(prepared: Path, tmp_path: Path, capsys: pytest.C
     assert len(lines) == 1 and lines[0].startswith("encode: codec=identity latents 1×8×8")
 
     assert cli(encode.main, [*argv[:-2], "--profile", "smoke", "--dry-run"]) == 0
-    assert json.loads(capsys.readouterr().out)["encode"]["steps"] == 2
+    assert yaml.safe_load(capsys.readouterr().out)["encode"]["steps"] == 2  # the resolved params, as YAML
 
     assert cli(encode.main, [*argv[:2], "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

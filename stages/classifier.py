@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from stages.common import StageError, atomic_output_dir, cli, pick_device, sha256_file, write_json, write_provenance
+from stages.common import StageError, atomic_output_dir, cli, setup_torch, sha256_file, write_json, write_provenance
 from stages.config import BaseParams, ClassifierParams, add_params_args, load_args, to_plain
 
 WEIGHTS = "model.safetensors"
@@ -281,9 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = load_args(args)
     from stages.data import load_split  # here: the data stage's readers are only needed when the stage runs
 
-    if params.base.threads:
-        torch.set_num_threads(params.base.threads)
-    device = pick_device(params.base.device)
+    device = setup_torch(params.base)
     train, held_out = load_split(args.data, "train"), load_split(args.data, "eval")
     result = run(params.classifier, params.base, train, held_out, args.out, device=device, progress=True)
     print(f"classifier: accuracy {result['accuracy']:.4f} on {result['n_eval']} eval images "

@@ -122,6 +122,15 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
+def setup_torch(base: Any) -> str:
+    """The one place a stage configures torch: ``base.threads`` (0 = torch's default) and the device."""
+    import torch
+
+    if base.threads:
+        torch.set_num_threads(base.threads)
+    return pick_device(base.device)
+
+
 def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Run a stage's ``main``: user errors become one line on stderr and exit code 2."""
     try:

@@ -23,7 +23,7 @@ from scm import nn as snn
 from scm.losses import SCMConfig, scm_loss
 from scm.trigflow import velocity
 from stages import config
-from stages.common import atomic_output_dir, cli, pick_device, write_json, write_provenance
+from stages.common import atomic_output_dir, cli, setup_torch, write_json, write_provenance
 from stages.training import load_latents, load_model, save_model, train, write_history
 
 
@@ -83,9 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--history", type=Path, required=True, help="training-curve CSV to write")
     args = parser.parse_args(argv)
     p = config.load_args(args)
-    if p.base.threads:
-        torch.set_num_threads(p.base.threads)
-    device = pick_device(p.base.device)
+    device = setup_torch(p.base)
     m = run(p.distill, p.base, args.scale, args.latents, args.teacher, args.out, args.metrics, args.history, device=device)
     print(f"distill-{args.scale}: {m['method']}, final loss {m['final_loss']:.4f}, {m['skipped_steps']} skipped steps, "
           f"{m['wall_seconds']:.0f} s -> {args.out}")

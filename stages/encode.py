@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stages.common import StageError, atomic_output_dir, cli, pick_device, write_json, write_provenance
+from stages.common import StageError, atomic_output_dir, cli, setup_torch, write_json, write_provenance
 from stages.config import BaseParams, EncodeParams, add_params_args, load_args, to_plain
 
 if TYPE_CHECKING:
@@ -415,9 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     params = load_args(args)
-    if params.base.threads:
-        torch.set_num_threads(params.base.threads)
-    device = pick_device(params.base.device)
+    device = setup_torch(params.base)
     result = run(params.encode, params.base, args.data, args.out, device=device)
     shape = "×".join(map(str, result["latent_shape"]))
     print(f"encode: codec={result['codec']} latents {shape} (train {result['n_train']}, eval {result['n_eval']}), "

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from scm import samplers as S
 from stages import config
-from stages.common import StageError, cli, pick_device, write_json
+from stages.common import StageError, cli, setup_torch, write_json
 from stages.encode import Codec, load_codec
 from stages.fidelity import compute_quality, summarise_seeds
 from stages.sample import METHODS, Sampler, build_samplers, load_models
@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache", type=Path, default=Path(".cache/fidelity"), help="torch-fidelity statistics cache")
     args = parser.parse_args(argv)
     p = config.load_args(args)
-    if p.base.threads:
-        torch.set_num_threads(p.base.threads)
-    device = pick_device(p.base.device)
+    device = setup_torch(p.base)
     m = run(p.evaluate, p.sample, p.base, args.scale, prepared_dir=args.data, latents_dir=args.latents,
             teacher_dir=args.teacher, student_dir=args.student, samples_dir=args.samples, classifier_dir=args.classifier,
             metrics_path=args.metrics, details_path=args.details, cache_dir=args.cache, device=device)

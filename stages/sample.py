@@ -23,7 +23,7 @@ from tqdm import tqdm
 from scm import samplers as S
 from scm.trigflow import velocity
 from stages import config
-from stages.common import atomic_output_dir, cli, pick_device, write_json, write_provenance
+from stages.common import atomic_output_dir, cli, setup_torch, write_json, write_provenance
 from stages.encode import Codec, load_codec, save_grid
 from stages.training import load_model
 
@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     p = config.load_args(args)
-    if p.base.threads:
-        torch.set_num_threads(p.base.threads)
-    device = pick_device(p.base.device)
+    device = setup_torch(p.base)
     info = run(p.sample, p.base, args.scale, args.latents, args.teacher, args.student, args.out, device=device)
     print(f"sample-{args.scale}: {info['seed_sets']} x {info['num_samples']} images per method, NFE {info['nfe']}, "
           f"{info['wall_seconds']:.0f} s -> {args.out}")

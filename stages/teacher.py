@@ -20,7 +20,7 @@ import torch
 from scm import nn as snn
 from scm.losses import diffusion_loss
 from stages import config
-from stages.common import StageError, atomic_output_dir, cli, pick_device, write_json, write_provenance
+from stages.common import StageError, atomic_output_dir, cli, setup_torch, write_json, write_provenance
 from stages.fetch import fetch
 from stages.training import build_net, load_latents, load_model, save_model, train, write_history
 
@@ -75,9 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--history", type=Path, required=True, help="training-curve CSV to write")
     args = parser.parse_args(argv)
     p = config.load_args(args)
-    if p.base.threads:
-        torch.set_num_threads(p.base.threads)
-    device = pick_device(p.base.device)
+    device = setup_torch(p.base)
     m = run(p.teacher, p.base, args.scale, args.latents, args.out, args.metrics, args.history, device=device)
     print(f"teacher-{args.scale}: {m['n_params'] / 1e6:.2f} M params, source {m['source']}, final loss {m['final_loss']}, "
           f"{m['wall_seconds']:.0f} s -> {args.out}")

@@ -147,4 +147,13 @@ def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
         traceback.print_exc()
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    print(f"{Path(sys.argv[0]).stem}: peak memory {peak_rss_mib():.0f} MiB", file=sys.stderr)
     return 0
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux/macOS ``ru_maxrss``)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10

@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=18, help="teacher DPM-Solver-2 steps (NFE = 2n-1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bf16", action="store_true", help="also time the steps with bf16 autocast (CUDA) and print the ratio")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,25 +59,29 @@ def main() -> None:
     cfg = L.SCMConfig(sigma_data=sd, warmup_steps=0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-    def teacher_step():
-        out = L.diffusion_loss(net, x0, sigma_data=sd, P_mean=-0.8, P_std=1.6, weight_head=head)
+    def teacher_step(amp=None):
+        out = L.diffusion_loss(net, x0, sigma_data=sd, P_mean=-0.8, P_std=1.6, weight_head=head, amp_dtype=amp)
         L.optimizer_step(out.loss, params, opt)
         sync()
 
-    def scd_step():
-        out = L.scm_loss(net, x0, cfg=cfg, step=10**6, teacher=teacher_v, weight_head=head)
+    def scd_step(amp=None):
+        out = L.scm_loss(net, x0, cfg=cfg, step=10**6, teacher=teacher_v, weight_head=head, amp_dtype=amp)
         L.optimizer_step(out.loss, params, opt)
         sync()
 
+    steps = {"teacher": teacher_step, "scd": scd_step}
+    if args.bf16:
+        steps |= {"teacher-bf16": lambda: teacher_step(torch.bfloat16), "scd-bf16": lambda: scd_step(torch.bfloat16)}
     for _ in range(2):  # warm-up
-        teacher_step()
-        scd_step()
-    # Interleave the two measurements so that machine noise hits both alike.
-    t_teacher, t_scd = [], []
+        for fn in steps.values():
+            fn()
+    # Interleave the measurements so that machine noise hits all alike.
+    step_times = {k: [] for k in steps}
     for _ in range(args.repeats):
-        t_teacher.append(median_time(teacher_step, 1))
-        t_scd.append(median_time(scd_step, 1))
-    step_teacher, step_scd = statistics.median(t_teacher), statistics.median(t_scd)
+        for k, fn in steps.items():
+            step_times[k].append(median_time(fn, 1))
+    step_sec = {k: statistics.median(v) for k, v in step_times.items()}
+    step_teacher, step_scd = step_sec["teacher"], step_sec["scd"]
 
     # Sampling: same network, same batch, one process, back to back after a warm-up.
     net.eval()
@@ -103,6 +108,9 @@ def main() -> None:
     print(f"teacher step  {step_teacher * 1e3:8.1f} ms")
     print(f"sCD step      {step_scd * 1e3:8.1f} ms")
     print(f"sCD / teacher step cost: {step_scd / step_teacher:.2f}x  (target <= 2.2x; paper ~2x)")
+    if args.bf16:
+        print(f"bf16 autocast: teacher step {step_sec['teacher-bf16'] * 1e3:.1f} ms ({step_teacher / step_sec['teacher-bf16']:.2f}x "
+              f"faster), sCD step {step_sec['scd-bf16'] * 1e3:.1f} ms ({step_scd / step_sec['scd-bf16']:.2f}x faster)")
     for k, (_, nfe) in samplers.items():
         print(f"{k:10s} NFE {nfe:3d}  {args.batch / sec[k]:10.1f} images/s  {sec[k] / args.batch * 1e3:8.3f} ms/image")
     for k in ("scm-1step", "scm-2step"):

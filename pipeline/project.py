@@ -41,7 +41,7 @@ SCALE_STAGES = ("teacher", "distill", "sample", "evaluate")
 FINAL_STAGES = ("report",)
 
 # Written by the flows under a project, never part of an isolated copy.
-LOCAL_STATE = (".sweeps", "mlflow.db", "mlartifacts", "mlruns", ".prefect")
+LOCAL_STATE = (".sweeps", "mlflow.db", "mlartifacts", "mlruns", ".prefect", "checkpoints")
 
 Overrides = list[str] | dict[str, Any] | None
 

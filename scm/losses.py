@@ -6,6 +6,7 @@ The networks are called as ``net(x_hat, t, class_labels)`` (see :mod:`scm.nn`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from scm.nn import attention_op
-from scm.trigflow import (VelocityFn, add_noise, append_dims, check_finite, check_sigma_data, sample_t,
+from scm.trigflow import (VelocityFn, add_noise, append_dims, check_finite, check_sigma_data, t_from_normal,
                           velocity_target)
 
 # Tangent normalisation constant c (paper §4.2).
@@ -42,9 +43,44 @@ def adaptive_weighted(sq_err: Tensor, w: Tensor | None) -> Tensor:
     return sq_err if w is None else torch.exp(w) * sq_err - w
 
 
-def _noise_like(x0: Tensor, sigma_data: float, generator: torch.Generator | None) -> Tensor:
-    """z ~ N(0, σ_d² I): the noise has the data's std (paper §3)."""
-    return sigma_data * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+@dataclass
+class Noise:
+    """The standard normals behind one batch: ``u`` (N,) for the time proposal and ``eps`` (N, ...) for the noise.
+
+    The losses draw their own by default. A data-parallel trainer draws them for the whole global batch on every rank
+    and hands each rank its slice, so that N ranks see exactly the noise a single process would.
+    """
+
+    u: Tensor
+    eps: Tensor
+
+    @staticmethod
+    def draw(shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+             dtype: torch.dtype = torch.float32) -> Noise:
+        """u ~ N(0, 1) then eps ~ N(0, I) of ``shape``, in this order (the order the losses have always drawn in)."""
+        u = torch.randn(shape[0], generator=generator, device=device)
+        eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return Noise(u, eps)
+
+    def __getitem__(self, index: slice | Tensor) -> Noise:
+        return Noise(self.u[index], self.eps[index])
+
+
+def _t_and_z(x0: Tensor, noise: Noise | None, P_mean: float, P_std: float, sigma_data: float,
+             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """t from the log-normal proposal and z ~ N(0, σ_d² I), the noise with the data's std (paper §3, Alg. 1)."""
+    if noise is None:
+        noise = Noise.draw(tuple(x0.shape), generator=generator, device=x0.device, dtype=x0.dtype)
+    if noise.eps.shape != x0.shape:
+        raise ValueError(f"noise of shape {tuple(noise.eps.shape)} for x0 of shape {tuple(x0.shape)}")
+    t = t_from_normal(noise.u, P_mean, P_std, sigma_data).to(x0.dtype)
+    z = sigma_data * noise.eps.to(x0.dtype)
+    return t, z
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` (e.g. bf16) for the network's main forward; ``None`` leaves the caller's precision."""
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,18 +89,21 @@ def _noise_like(x0: Tensor, sigma_data: float, generator: torch.Generator | None
 
 def diffusion_loss(net: nn.Module, x0: Tensor, *, sigma_data: float, P_mean: float, P_std: float,
                    weight_head: nn.Module | None = None, class_labels: Tensor | None = None,
-                   generator: torch.Generator | None = None) -> LossOutput:
+                   generator: torch.Generator | None = None, noise: Noise | None = None,
+                   amp_dtype: torch.dtype | None = None) -> LossOutput:
     """TrigFlow diffusion loss E‖σ_d F_θ(x_t/σ_d, t) − v_t‖², v_t = cos t·z − sin t·x0 (paper Eq. 4).
 
     Written in F-space, ‖F_θ − v_t/σ_d‖², with the log-normal proposal (P_mean, P_std) and optional adaptive weighting.
+    ``noise`` fixes the batch's randomness (else drawn from ``generator``); ``amp_dtype`` autocasts the network's forward
+    only: the targets, the weighting and the loss stay in float32.
     """
     check_sigma_data(sigma_data)
     check_finite(x0, "x0")
-    t = sample_t(x0.shape[0], P_mean, P_std, sigma_data, generator=generator, device=x0.device).to(x0.dtype)
-    z = _noise_like(x0, sigma_data, generator)
+    t, z = _t_and_z(x0, noise, P_mean, P_std, sigma_data, generator)
     x_t = add_noise(x0, z, t)
     v_t = velocity_target(x0, z, t)
-    F = net(x_t / sigma_data, t, class_labels)
+    with _autocast(x0.device, amp_dtype):
+        F = net(x_t / sigma_data, t, class_labels)
     sq_err = _mean_dims((F.float() - v_t / sigma_data) ** 2)
     w = weight_head(t) if weight_head is not None else None
     per_sample = adaptive_weighted(sq_err, w)
@@ -196,21 +235,26 @@ TANGENTS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"jvp": jvp_tangent,
 
 def scm_loss(net: nn.Module, x0: Tensor, *, cfg: SCMConfig, step: int, teacher: VelocityFn | None = None,
              weight_head: nn.Module | None = None, class_labels: Tensor | None = None,
-             generator: torch.Generator | None = None) -> LossOutput:
+             generator: torch.Generator | None = None, noise: Noise | None = None,
+             amp_dtype: torch.dtype | None = None, tangent_net: nn.Module | None = None) -> LossOutput:
     """The sCM loss (paper Eq. 8, Alg. 1): sCD when ``teacher`` is given, sCT otherwise.
 
     L(θ, φ) = E[(e^{w_φ(t)}/D)·‖F_θ(x_t/σ_d, t) − F⁻ − g‖² − w_φ(t)], g normalised. F⁻ = stopgrad(F_θ) with the
     *online* weights (paper §2.2). dx_t/dt is the teacher's velocity σ_d F_teacher (sCD, no grad; pass the teacher's
     EMA weights) or the one-sample estimate cos t·z − sin t·x0 (sCT). Samples whose g or F⁻ is not finite are masked
     out of the loss and counted in ``stats["nonfinite"]``.
+
+    Precision: ``amp_dtype`` (e.g. bf16 on CUDA) autocasts only the grad-enabled forward; the teacher call, the JVP
+    tangent, the time embedding, g and the loss run in float32 (SCM_NOTES §9 item 9, §17). ``tangent_net`` is the module the JVP
+    differentiates when ``net`` is a wrapper that forward-mode AD cannot see through (DistributedDataParallel).
+    ``noise`` fixes the batch's randomness (else drawn from ``generator``).
     """
     cfg.validate()
     check_finite(x0, "x0")
     sigma_data = cfg.sigma_data
 
     # Sample t, noise and x_t (Alg. 1).
-    t = sample_t(x0.shape[0], cfg.P_mean, cfg.P_std, sigma_data, generator=generator, device=x0.device).to(x0.dtype)
-    z = _noise_like(x0, sigma_data, generator)
+    t, z = _t_and_z(x0, noise, cfg.P_mean, cfg.P_std, sigma_data, generator)
     x_t = add_noise(x0, z, t)
 
     # dx_t/dt: the frozen teacher's PF-ODE velocity (sCD) or the conditional velocity (sCT).
@@ -223,7 +267,9 @@ def scm_loss(net: nn.Module, x0: Tensor, *, cfg: SCMConfig, step: int, teacher: 
     # F⁻ and the tangent J = cos t sin t·dF⁻/dt, both with the online weights and no grad. With dropout, the JVP
     # pass and the grad pass below draw the same masks: the RNG state is saved here and restored before the latter.
     rng = _rng_state(x0.device) if cfg.share_dropout else None
-    F_minus, J = TANGENTS[cfg.tangent](net, x_t, t, dxt_dt, sigma_data=sigma_data, class_labels=class_labels)
+    with torch.autocast(device_type=x0.device.type, enabled=False):  # the tangent is float32 under any autocast
+        F_minus, J = TANGENTS[cfg.tangent](tangent_net or net, x_t, t, dxt_dt, sigma_data=sigma_data,
+                                           class_labels=class_labels)
 
     # g, warmed up and normalised (Alg. 1; §4.2).
     r = tangent_warmup(step, cfg.warmup_steps)
@@ -238,7 +284,9 @@ def scm_loss(net: nn.Module, x0: Tensor, *, cfg: SCMConfig, step: int, teacher: 
     # The grad-enabled forward and the loss: F_θ − stopgrad(F_θ) is 0 in value, so the gradient is −g·∂F/∂θ.
     if rng is not None:
         _set_rng_state(x0.device, rng)
-    F = net(x_t / sigma_data, t, class_labels).float()
+    with _autocast(x0.device, amp_dtype):
+        F = net(x_t / sigma_data, t, class_labels)
+    F = F.float()
     sq_err = _mean_dims((F - F.detach() - g) ** 2)
     w = weight_head(t) if weight_head is not None else None
     per_sample = adaptive_weighted(sq_err, w)
@@ -263,6 +311,12 @@ def optimizer_step(loss: Tensor, params: list[nn.Parameter], optimizer: torch.op
     """Back-propagate, and step only if the gradient norm is finite (Sana, rCM). Returns (grad_norm, stepped)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return step_if_finite(params, optimizer, max_grad_norm)
+
+
+def step_if_finite(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                   max_grad_norm: float | None = None) -> tuple[float, bool]:
+    """Step on the gradients already accumulated, only if their norm is finite; else drop them. (grad_norm, stepped)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)

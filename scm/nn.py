@@ -276,7 +276,8 @@ class Conditioning(nn.Module):
         self.label = nn.Embedding(num_classes + 1, emb_channels) if num_classes > 0 else None
 
     def forward(self, t: Tensor, class_labels: Tensor | None) -> Tensor:
-        emb = self.mlp(self.pos(t))
+        with torch.autocast(device_type=t.device.type, enabled=False):  # the time embedding stays float32 (rcm#10)
+            emb = self.mlp(self.pos(t))
         if self.label is not None:
             if class_labels is None:
                 class_labels = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
@@ -284,8 +285,9 @@ class Conditioning(nn.Module):
         return nnf.silu(emb)
 
     def _jvp(self, t: Tensor, t_t: Tensor, class_labels: Tensor | None) -> Pair:
-        emb = self.pos._jvp(t, t_t)
-        emb = _affine_jvp(self.mlp[2], *_silu_jvp(*_affine_jvp(self.mlp[0], *emb)))
+        with torch.autocast(device_type=t.device.type, enabled=False):  # float32, as in forward()
+            emb = self.pos._jvp(t, t_t)
+            emb = _affine_jvp(self.mlp[2], *_silu_jvp(*_affine_jvp(self.mlp[0], *emb)))
         if self.label is not None:
             if class_labels is None:
                 class_labels = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
@@ -482,9 +484,10 @@ class AdaptiveWeight(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, t: Tensor) -> Tensor:
-        x = torch.log(torch.tan(t.float()).clamp(1e-4, 1e4))  # (N,)
-        emb = torch.cos(2 * math.pi * (x.outer(self.freqs) + self.phases)) * math.sqrt(2)  # (N, C)
-        return self.linear(emb).squeeze(1)
+        with torch.autocast(device_type=t.device.type, enabled=False):  # a loss weight: float32 whatever the autocast
+            x = torch.log(torch.tan(t.float()).clamp(1e-4, 1e4))  # (N,)
+            emb = torch.cos(2 * math.pi * (x.outer(self.freqs) + self.phases)) * math.sqrt(2)  # (N, C)
+            return self.linear(emb).squeeze(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

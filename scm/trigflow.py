@@ -85,7 +85,12 @@ def t_max(sigma_data: float, sigma_max: float = SIGMA_MAX) -> float:
 def sample_t(n: int, P_mean: float, P_std: float, sigma_data: float, *, generator: torch.Generator | None = None,
              device: torch.device | str | None = None) -> Tensor:
     """Log-normal time proposal (paper Alg. 1): τ ~ N(P_mean, P_std²), t = arctan(e^τ/σ_d)."""
-    tau = P_mean + P_std * torch.randn(n, generator=generator, device=device)
+    return t_from_normal(torch.randn(n, generator=generator, device=device), P_mean, P_std, sigma_data)
+
+
+def t_from_normal(u: Tensor, P_mean: float, P_std: float, sigma_data: float) -> Tensor:
+    """The proposal's t from a standard normal u: τ = P_mean + P_std·u, t = arctan(e^τ/σ_d) (paper Alg. 1)."""
+    tau = P_mean + P_std * u
     return torch.atan(torch.exp(tau) / sigma_data)
 
 

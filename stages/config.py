@@ -49,6 +49,8 @@ class BaseParams:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     scales: tuple[str, ...] = ("cpu-xs", "cpu-s")  # model scales run by the per-scale stages
     threads: int = _f(0, lo=0)  # torch intra-op threads; 0 = torch's default
+    precision: Literal["fp32", "bf16"] = "fp32"  # training forward on CUDA: bf16 autocast; CPU always runs fp32
+    checkpoint_dir: str = "checkpoints"  # training checkpoints (resume), per stage and scale; "" = none
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class EncodeParams:
     latent_mean: tuple[float, ...] = ()  # μ_c pinned per latent channel; () = compute on the train split
     latent_std: tuple[float, ...] = _f((), lo=0.0, lo_open=True)  # σ_c pinned likewise (SCM_NOTES §13)
     encode_batch_size: int = _f(256, lo=1)  # images per codec call when encoding/decoding
+    checkpoint_every: int = _f(300, lo=0)  # codec=train: steps between resumable checkpoints; 0 = none
 
     def validate(self, prefix: str) -> None:
         if not self.channels:
@@ -106,6 +109,9 @@ class TeacherParams:
     adaptive_weight: bool = True  # EDM2 uncertainty weighting w_φ(t)
     ema_half_life_kimg: float = _f(50.0, lo=0.0, lo_open=True)  # EMA half-life in thousands of images
     log_every: int = _f(50, lo=1)
+    checkpoint_every: int = _f(500, lo=0)  # steps between resumable checkpoints in base.checkpoint_dir; 0 = none
+    batch_per_device: int = _f(0, lo=0)  # micro-batch per process (gradient accumulation); 0 = the whole share
+    max_nonfinite_steps: int = _f(20, lo=1)  # stop after this many skipped (non-finite) steps in a row
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,9 @@ class DistillParams:
     adaptive_weight: bool = True
     ema_half_life_kimg: float = _f(20.0, lo=0.0, lo_open=True)
     log_every: int = _f(25, lo=1)
+    checkpoint_every: int = _f(250, lo=0)  # steps between resumable checkpoints in base.checkpoint_dir; 0 = none
+    batch_per_device: int = _f(0, lo=0)  # micro-batch per process (gradient accumulation); 0 = the whole share
+    max_nonfinite_steps: int = _f(20, lo=1)  # stop after this many skipped (non-finite) steps in a row
 
 
 @dataclass(frozen=True)

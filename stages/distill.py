@@ -22,9 +22,11 @@ import torch
 from scm import nn as snn
 from scm.losses import SCMConfig, scm_loss
 from scm.trigflow import velocity
-from stages import config
-from stages.common import atomic_output_dir, cli, setup_torch, write_json, write_provenance
-from stages.training import load_latents, load_model, save_model, train, write_history
+from stages import config, distributed
+from stages.checkpoint import checkpoint_root, run_checkpointer
+from stages.common import atomic_output_dir, cli, write_json, write_provenance
+from stages.training import (amp_dtype, load_latents, load_model, save_model,
+                             setup_training, train, write_history)
 
 
 def scm_config(params: config.DistillParams, sigma_data: float) -> SCMConfig:
@@ -34,8 +36,12 @@ def scm_config(params: config.DistillParams, sigma_data: float) -> SCMConfig:
 
 
 def run(params: config.DistillParams, base: config.BaseParams, scale: str, latents_dir: Path, teacher_dir: Path,
-        out_dir: Path, metrics_path: Path, history_path: Path, *, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Distill the teacher of ``scale`` into a 1-/2-step consistency model."""
+        out_dir: Path, metrics_path: Path, history_path: Path, *, device: str = "cpu", progress: bool = True,
+        dist: distributed.Dist = distributed.SINGLE, checkpoint_root: Path | None = None) -> dict[str, Any] | None:
+    """Distill the teacher of ``scale`` into a 1-/2-step consistency model (outputs from rank 0; others get None).
+
+    With ``checkpoint_root``, training checkpoints go to ``checkpoint_root/distill-<scale>`` and a re-run resumes.
+    """
     start = time.perf_counter()
     data = load_latents(latents_dir)
     teacher, meta = load_model(teacher_dir, expect_shape=data.shape, expect_scale=scale, device=device)
@@ -49,25 +55,38 @@ def run(params: config.DistillParams, base: config.BaseParams, scale: str, laten
     head = snn.AdaptiveWeight().to(device) if params.adaptive_weight else None
     extra = list(head.parameters()) if head is not None else []
     opt = torch.optim.RAdam(list(student.parameters()) + extra, lr=params.lr, betas=(0.9, 0.99), eps=1e-8)
-    cfg = scm_config(params, base.sigma_data)
+
+    # The loss: the grad-enabled forward through DDP (when distributed), the JVP on the plain module.
+    student_dp, head_dp = distributed.wrap(student, dist), (distributed.wrap(head, dist) if head is not None else None)
+    cfg, amp = scm_config(params, base.sigma_data), amp_dtype(base.precision, device)
     teacher_v = (lambda x_t, t: velocity(teacher, x_t, t, base.sigma_data)) if params.method == "scd" else None
-    loss_fn = lambda step, x0, gen: scm_loss(student, x0, cfg=cfg, step=step, teacher=teacher_v, weight_head=head,
-                                             generator=gen)
+    loss_fn = lambda step, x0, noise: scm_loss(student_dp, x0, cfg=cfg, step=step, teacher=teacher_v, weight_head=head_dp,
+                                               noise=noise, amp_dtype=amp, tangent_net=student)
+    ckpt = run_checkpointer(checkpoint_root, f"distill-{scale}", params.checkpoint_every, params=params, base=base,
+                            inputs=[Path(latents_dir) / "latents.safetensors", Path(teacher_dir) / "model.safetensors"])
     result = train(student, extra, loss_fn, data.train, steps=params.steps, batch_size=params.batch_size,
                    optimizer=opt, warmup_steps=0, lr=params.lr, ema_half_life_kimg=params.ema_half_life_kimg,
-                   seed=base.seed + 1000, log_every=params.log_every, desc=f"distill-{scale}", progress=progress)
+                   seed=base.seed + 1000, log_every=params.log_every, desc=f"distill-{scale}", section="distill",
+                   max_nonfinite=params.max_nonfinite_steps, progress=progress, dist=dist,
+                   batch_per_device=params.batch_per_device,
+                   ddp_modules=[m for m in (student_dp, head_dp) if m is not None and m is not student and m is not head],
+                   checkpoint=ckpt)
+    if not dist.is_main:
+        return None
 
     with atomic_output_dir(out_dir) as tmp:
         save_model(tmp / "model.safetensors", result.ema.net, {**meta, "role": f"student-{params.method}"})
         write_provenance(tmp, {"base": config.to_plain(base), "distill": config.to_plain(params), "scale": scale,
-                               "teacher": str(teacher_dir), "latents": str(latents_dir), "device": device})
+                               "teacher": str(teacher_dir), "latents": str(latents_dir), "device": device,
+                               "world_size": dist.world_size})
     last = result.history[-1]
     metrics = {"scale": scale, "method": params.method, "n_params": meta["n_params"], "final_loss": last["loss"],
                "final_g_norm": last.get("g_norm"), "nonfinite_samples": sum(r.get("nonfinite", 0) for r in result.history),
-               "skipped_steps": result.skipped_steps, "train_seconds": round(result.seconds, 2),
-               "wall_seconds": round(time.perf_counter() - start, 2)}
+               "skipped_steps": result.skipped_steps, "resumed_from_step": result.resumed_from,
+               "train_seconds": round(result.seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2)}
     write_json(metrics_path, metrics)
     write_history(history_path, result.history)
+    ckpt.clear()
     return metrics
 
 
@@ -83,8 +102,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--history", type=Path, required=True, help="training-curve CSV to write")
     args = parser.parse_args(argv)
     p = config.load_args(args)
-    device = setup_torch(p.base)
-    m = run(p.distill, p.base, args.scale, args.latents, args.teacher, args.out, args.metrics, args.history, device=device)
+    dist, device = setup_training(p.base)
+    try:
+        m = run(p.distill, p.base, args.scale, args.latents, args.teacher, args.out, args.metrics, args.history,
+                device=device, dist=dist, checkpoint_root=checkpoint_root(p.base))
+    finally:
+        distributed.teardown(dist)
+    if m is None:  # not rank 0
+        return {}
     print(f"distill-{args.scale}: {m['method']}, final loss {m['final_loss']:.4f}, {m['skipped_steps']} skipped steps, "
           f"{m['wall_seconds']:.0f} s -> {args.out}")
     return m

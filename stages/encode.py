@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stages.checkpoint import Checkpointer, checkpoint_root, failpoint, run_checkpointer
 from stages.common import StageError, atomic_output_dir, cli, setup_torch, write_json, write_provenance
 from stages.config import BaseParams, EncodeParams, add_params_args, load_args, to_plain
 
@@ -215,10 +216,13 @@ def build_autoencoder(params: EncodeParams, image_shape: tuple[int, int, int]) -
     )
 
 
-def train_autoencoder(images: Tensor, params: EncodeParams, seed: int) -> tuple[AutoencoderKL, float]:
+def train_autoencoder(images: Tensor, params: EncodeParams, seed: int,
+                      checkpoint: Checkpointer | None = None) -> tuple[AutoencoderKL, float]:
     """Fit a small AutoencoderKL to uint8 ``images`` (on the training device); returns it and the seconds taken.
 
     Objective: MSE per pixel + kl_weight · KL(q(z|x) ‖ N(0, I)) per latent element, with z sampled from q(z|x).
+    With a ``checkpoint``, resumes from the run's last checkpoint and writes one every ``checkpoint.every`` steps
+    (weights, Adam state, the generator and the rest of the epoch's order): a resumed run ends bit-identical.
     """
     from tqdm import tqdm
 
@@ -230,11 +234,22 @@ def train_autoencoder(images: Tensor, params: EncodeParams, seed: int) -> tuple[
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(vae.parameters(), lr=params.lr)
     size = vae_size(vae, *images.shape[-2:])
-
     order = torch.empty(0, dtype=torch.long)
+    first_step, seconds_before = 0, 0.0
+
+    # Resume from this run's last checkpoint, if any.
+    state = checkpoint.restore() if checkpoint is not None else None
+    if state is not None:
+        vae.load_state_dict(state["vae"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        order, first_step, seconds_before = state["order"], state["step"], state["seconds"]
+
     start = time.perf_counter()
-    bar = tqdm(range(params.steps), desc="encode: train AutoencoderKL", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(first_step, params.steps), initial=first_step, total=params.steps,
+               desc="encode: train AutoencoderKL", unit="step", dynamic_ncols=True)
     for step in bar:
+        failpoint("step")
         # Next batch: consecutive epochs of seeded permutations.
         while len(order) < params.batch_size:
             order = torch.cat([order, torch.randperm(len(images), generator=generator)])
@@ -254,10 +269,15 @@ def train_autoencoder(images: Tensor, params: EncodeParams, seed: int) -> tuple[
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise StageError(f"encode: autoencoder loss became non-finite at step {step} (try a smaller encode.lr)")
-        images_per_second = (step + 1) * params.batch_size / (time.perf_counter() - start)
+        images_per_second = (step + 1 - first_step) * params.batch_size / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_second:.0f}", refresh=False)
+
+        if checkpoint is not None and checkpoint.due(step + 1, params.steps):
+            checkpoint.save(lambda: {"step": step + 1, "vae": vae.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "generator": generator.get_state(), "order": order.clone(),
+                                     "seconds": seconds_before + time.perf_counter() - start})
     bar.close()
-    return vae.eval(), time.perf_counter() - start
+    return vae.eval(), seconds_before + time.perf_counter() - start
 
 
 def load_pretrained(name: str) -> AutoencoderKL:
@@ -328,8 +348,12 @@ def save_grid(path: Path, images: Tensor, columns: int, pad: int = 2) -> None:
 # The stage.
 
 
-def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Path, *, device: str = "cpu") -> dict[str, Any]:
-    """Encode the prepared splits into standardised latents; write them, the codec and its metrics to ``out_dir``."""
+def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Path, *, device: str = "cpu",
+        checkpoint_root: Path | None = None) -> dict[str, Any]:
+    """Encode the prepared splits into standardised latents; write them, the codec and its metrics to ``out_dir``.
+
+    With ``checkpoint_root`` (codec=train), autoencoder checkpoints go to ``checkpoint_root/encode`` and a re-run resumes.
+    """
     from safetensors.torch import save_file
 
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
@@ -338,8 +362,11 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
     # The codec before standardisation: none, trained on the train split, or loaded.
     train_seconds = 0.0
     vae = None
+    ckpt = None
     if params.codec == "train":
-        vae, train_seconds = train_autoencoder(splits["train"][0].to(device), params, base.seed)
+        ckpt = run_checkpointer(checkpoint_root, "encode", params.checkpoint_every, params=params, base=base,
+                                inputs=sorted(prepared_dir.glob("*.parquet")))
+        vae, train_seconds = train_autoencoder(splits["train"][0].to(device), params, base.seed, ckpt)
     elif params.codec == "pretrained":
         vae = load_pretrained(params.pretrained).to(device).eval()
         if vae.config.in_channels not in (1, 3) or vae.config.out_channels != vae.config.in_channels:
@@ -400,6 +427,8 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
         write_json(tmp / "metrics.json", metrics)
         resolved = {"base": to_plain(base), "encode": to_plain(params)}
         write_provenance(tmp, {**resolved, "data": str(prepared_dir), "out": str(out_dir), "device": device})
+    if ckpt is not None:
+        ckpt.clear()
     return {"codec": params.codec, "n_train": len(latents["train"]), "n_eval": len(latents["eval"]), **metrics}
 
 
@@ -416,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     params = load_args(args)
     device = setup_torch(params.base)
-    result = run(params.encode, params.base, args.data, args.out, device=device)
+    result = run(params.encode, params.base, args.data, args.out, device=device, checkpoint_root=checkpoint_root(params.base))
     shape = "×".join(map(str, result["latent_shape"]))
     print(f"encode: codec={result['codec']} latents {shape} (train {result['n_train']}, eval {result['n_eval']}), "
           f"eval recon PSNR {result['recon_psnr_db']:.2f} dB, trained {result['train_seconds']:.1f}s on {device} "

@@ -19,48 +19,68 @@ import torch
 
 from scm import nn as snn
 from scm.losses import diffusion_loss
-from stages import config
-from stages.common import StageError, atomic_output_dir, cli, setup_torch, write_json, write_provenance
+from stages import config, distributed
+from stages.checkpoint import checkpoint_root, run_checkpointer
+from stages.common import StageError, atomic_output_dir, cli, write_json, write_provenance
 from stages.fetch import fetch
-from stages.training import build_net, load_latents, load_model, save_model, train, write_history
+from stages.training import (amp_dtype, build_net, load_latents, load_model, save_model,
+                             setup_training, train, write_history)
 
 
 def run(params: config.TeacherParams, base: config.BaseParams, scale: str, latents_dir: Path, out_dir: Path,
-        metrics_path: Path, history_path: Path, *, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Train (or fetch) the teacher of ``scale``; write its EMA weights and metrics."""
+        metrics_path: Path, history_path: Path, *, device: str = "cpu", progress: bool = True,
+        dist: distributed.Dist = distributed.SINGLE, checkpoint_root: Path | None = None) -> dict[str, Any] | None:
+    """Train (or fetch) the teacher of ``scale``; write its EMA weights and metrics (rank 0; other ranks get None).
+
+    With ``checkpoint_root``, training checkpoints go to ``checkpoint_root/teacher-<scale>`` and a re-run resumes.
+    """
     start = time.perf_counter()
     if scale not in snn.SCALES:
         raise StageError(f"scale {scale!r}: unknown (accepted: {', '.join(snn.SCALES)})")
     data = load_latents(latents_dir)
-    history: list[dict[str, float]] = []
+    result, ckpt = None, None
+    if params.source == "train":
+        torch.manual_seed(base.seed)
+        net = build_net(scale, data.shape, params.dropout).to(device)
+        head = snn.AdaptiveWeight().to(device) if params.adaptive_weight else None
+        extra = list(head.parameters()) if head is not None else []
+        opt = torch.optim.Adam(list(net.parameters()) + extra, lr=params.lr, betas=(0.9, 0.999), eps=1e-8)
+        net_dp, head_dp = distributed.wrap(net, dist), (distributed.wrap(head, dist) if head is not None else None)
+        amp = amp_dtype(base.precision, device)
+        loss_fn = lambda step, x0, noise: diffusion_loss(net_dp, x0, sigma_data=base.sigma_data, P_mean=params.P_mean,
+                                                         P_std=params.P_std, weight_head=head_dp, noise=noise, amp_dtype=amp)
+        ckpt = run_checkpointer(checkpoint_root, f"teacher-{scale}", params.checkpoint_every, params=params, base=base,
+                                inputs=[Path(latents_dir) / "latents.safetensors"])
+        result = train(net, extra, loss_fn, data.train, steps=params.steps, batch_size=params.batch_size,
+                       optimizer=opt, warmup_steps=params.warmup_steps, lr=params.lr,
+                       ema_half_life_kimg=params.ema_half_life_kimg, seed=base.seed, log_every=params.log_every,
+                       desc=f"teacher-{scale}", section="teacher", max_nonfinite=params.max_nonfinite_steps,
+                       progress=progress, dist=dist, batch_per_device=params.batch_per_device,
+                       ddp_modules=[m for m in (net_dp, head_dp) if m is not None and m is not net and m is not head],
+                       checkpoint=ckpt)
+    if not dist.is_main:
+        return None
     with atomic_output_dir(out_dir) as tmp:
-        if params.source == "train":
-            torch.manual_seed(base.seed)
-            net = build_net(scale, data.shape, params.dropout).to(device)
-            head = snn.AdaptiveWeight().to(device) if params.adaptive_weight else None
-            extra = list(head.parameters()) if head is not None else []
-            opt = torch.optim.Adam(list(net.parameters()) + extra, lr=params.lr, betas=(0.9, 0.999), eps=1e-8)
-            loss_fn = lambda step, x0, gen: diffusion_loss(net, x0, sigma_data=base.sigma_data, P_mean=params.P_mean,
-                                                           P_std=params.P_std, weight_head=head, generator=gen)
-            result = train(net, extra, loss_fn, data.train, steps=params.steps, batch_size=params.batch_size,
-                           optimizer=opt, warmup_steps=params.warmup_steps, lr=params.lr,
-                           ema_half_life_kimg=params.ema_half_life_kimg, seed=base.seed, log_every=params.log_every,
-                           desc=f"teacher-{scale}", progress=progress)
+        if result is not None:
             meta = {"role": "teacher", "scale": scale, "latent_shape": list(data.shape), "sigma_data": base.sigma_data}
             save_model(tmp / "model.safetensors", result.ema.net, meta)
-            history, train_seconds, skipped = result.history, result.seconds, result.skipped_steps
         else:
             fetch(params.source, params.sha256, tmp / "model.safetensors")
             load_model(tmp, expect_shape=data.shape, expect_scale=scale, name=f"teacher.source={params.source!r}")  # refuse a teacher of another scale/shape
-            train_seconds, skipped = 0.0, 0
         _, meta = load_model(tmp)
         write_provenance(tmp, {"base": config.to_plain(base), "teacher": config.to_plain(params), "scale": scale,
-                               "latents": str(latents_dir), "device": device})
+                               "latents": str(latents_dir), "device": device, "world_size": dist.world_size})
+    history = result.history if result is not None else []
     metrics = {"scale": scale, "n_params": meta["n_params"], "source": params.source,
-               "final_loss": history[-1]["loss"] if history else None, "train_seconds": round(train_seconds, 2),
-               "skipped_steps": skipped, "wall_seconds": round(time.perf_counter() - start, 2)}
+               "final_loss": history[-1]["loss"] if history else None,
+               "train_seconds": round(result.seconds, 2) if result is not None else 0.0,
+               "skipped_steps": result.skipped_steps if result is not None else 0,
+               "resumed_from_step": result.resumed_from if result is not None else 0,
+               "wall_seconds": round(time.perf_counter() - start, 2)}
     write_json(metrics_path, metrics)
     write_history(history_path, history or [{"step": 0}])
+    if ckpt is not None:
+        ckpt.clear()
     return metrics
 
 
@@ -75,8 +95,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--history", type=Path, required=True, help="training-curve CSV to write")
     args = parser.parse_args(argv)
     p = config.load_args(args)
-    device = setup_torch(p.base)
-    m = run(p.teacher, p.base, args.scale, args.latents, args.out, args.metrics, args.history, device=device)
+    dist, device = setup_training(p.base)
+    try:
+        m = run(p.teacher, p.base, args.scale, args.latents, args.out, args.metrics, args.history, device=device,
+                dist=dist, checkpoint_root=checkpoint_root(p.base))
+    finally:
+        distributed.teardown(dist)
+    if m is None:  # not rank 0
+        return {}
     print(f"teacher-{args.scale}: {m['n_params'] / 1e6:.2f} M params, source {m['source']}, final loss {m['final_loss']}, "
           f"{m['wall_seconds']:.0f} s -> {args.out}")
     return m

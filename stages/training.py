@@ -6,11 +6,12 @@ network description (scale, U-Net config, latent shape, σ_d). They are never pi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from tqdm import tqdm
 
 from scm import nn as snn
 from scm.ema import EMA
-from scm.losses import LossOutput, optimizer_step
+from scm.losses import LossOutput, Noise, step_if_finite
+from stages import distributed
+from stages.checkpoint import Checkpointer, failpoint
 from stages.common import StageError, atomic_replace_file
 
 MODEL_FILE = "model.safetensors"
@@ -74,15 +77,33 @@ def load_latents(latents_dir: Path) -> Latents:
     return Latents(t["train"], t["train_labels"], t["eval"], t["eval_labels"], codec)
 
 
-def minibatches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
-    """Endless minibatch indices: a fresh seeded permutation every epoch (drop_last, wrapping across epochs)."""
-    g = torch.Generator().manual_seed(seed)
-    buf = torch.empty(0, dtype=torch.long)
-    while True:
-        while len(buf) < batch_size:
-            buf = torch.cat([buf, torch.randperm(n, generator=g)])
-        yield buf[:batch_size]
-        buf = buf[batch_size:]
+class Minibatches:
+    """Endless minibatch indices: a fresh seeded permutation every epoch (drop_last, wrapping across epochs).
+
+    Its state (generator and the rest of the current permutation) goes into checkpoints, so a resumed run draws the
+    same batches as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.buffer = torch.empty(0, dtype=torch.long)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self
+
+    def __next__(self) -> Tensor:
+        while len(self.buffer) < self.batch_size:
+            self.buffer = torch.cat([self.buffer, torch.randperm(self.n, generator=self.generator)])
+        batch, self.buffer = self.buffer[: self.batch_size], self.buffer[self.batch_size :]
+        return batch
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"generator": self.generator.get_state(), "buffer": self.buffer.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self.buffer = state["buffer"].clone()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,59 +191,154 @@ def load_model(path: Path, *, expect_shape: tuple[int, ...] | None = None, expec
 class TrainResult:
     ema: EMA
     history: list[dict[str, float]]
-    seconds: float
+    seconds: float  # training time over all attempts (resumed runs included)
     skipped_steps: int
+    resumed_from: int  # the step this process started at (0: not resumed)
 
 
-LossFn = Callable[[int, Tensor, torch.Generator], LossOutput]
+LossFn = Callable[[int, Tensor, Noise], LossOutput]  # (step, x0 micro-batch, its noise) -> loss
+SUMMED_STATS = ("nonfinite",)  # stats that add up over micro-batches and ranks; the rest are averaged
+
+
+def rng_state(device: torch.device, noise: torch.Generator) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state(), "noise": noise.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Tensor], device: torch.device, noise: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    noise.set_state(state["noise"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def train(net: nn.Module, extra: list[nn.Parameter], loss_fn: LossFn, data: Tensor, *, steps: int, batch_size: int,
           optimizer: torch.optim.Optimizer, warmup_steps: int, lr: float, ema_half_life_kimg: float, seed: int,
-          log_every: int, desc: str, max_nonfinite: int = 20, progress: bool = True) -> TrainResult:
-    """Train ``net`` (and the ``extra`` parameters, e.g. w_φ) on ``data`` for ``steps`` minibatches.
+          log_every: int, desc: str, section: str = "teacher", max_nonfinite: int = 20, progress: bool = True,
+          dist: distributed.Dist = distributed.SINGLE, batch_per_device: int = 0, ddp_modules: Sequence[nn.Module] = (),
+          checkpoint: Checkpointer | None = None) -> TrainResult:
+    """Train ``net`` (and the ``extra`` parameters, e.g. w_φ) on ``data`` for ``steps`` optimiser steps.
 
-    Progress is counted in images; EMA has a half-life in images; a step whose gradient norm is not finite is skipped
-    and counted, and ``max_nonfinite`` such steps in a row stop training with an error naming the step.
+    - Progress is counted in images; the EMA has a half-life in images; the learning rate is a function of the step
+      (linear warm-up, then constant), so it needs no scheduler state.
+    - ``batch_size`` is the global batch. Under torchrun each rank takes its shard of the same global batch and noise
+      and runs it in micro-batches of ``batch_per_device`` (:mod:`stages.distributed`); ``ddp_modules`` are the
+      DistributedDataParallel wrappers whose gradient sync waits for the last micro-batch.
+    - A step whose gradient norm is not finite is skipped and counted; ``max_nonfinite`` such steps in a row stop
+      training with an error naming the step (the last checkpoint is kept).
+    - With a ``checkpoint``, the run resumes from its last checkpoint and saves one every ``checkpoint.every`` steps:
+      weights, EMA, optimiser, RNG and minibatch states, history. A resumed run on CPU reaches the same weights as
+      an uninterrupted one, bit for bit.
     """
     device = next(net.parameters()).device
     params = list(net.parameters()) + list(extra)
+    micro, rounds = distributed.micro_batches(batch_size, batch_per_device, dist, name=section)
+    mine = distributed.shard(batch_size, dist)
     ema = EMA(net, half_life=ema_half_life_kimg * 1000)
-    batches = minibatches(len(data), batch_size, seed)
+    batches = Minibatches(len(data), batch_size, seed)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     history: list[dict[str, float]] = []
-    skipped = in_a_row = 0
+    first_step, skipped, in_a_row, seconds_before = 0, 0, 0, 0.0
+
+    # Resume: the newest checkpoint of this very run (same parameters and inputs), if any.
+    state = checkpoint.restore() if checkpoint is not None else None
+    if state is not None:
+        net.load_state_dict(state["net"])
+        for p, value in zip(extra, state["extra"], strict=True):
+            p.data.copy_(value)
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["batches"])
+        set_rng_state(state["rng"], device, gen)
+        first_step, skipped, in_a_row = state["step"], state["skipped"], state["in_a_row"]
+        history, seconds_before = state["history"], state["seconds"]
+
+    def snapshot(steps_done: int) -> dict[str, Any]:
+        return {"step": steps_done, "net": net.state_dict(), "extra": [p.detach() for p in extra],
+                "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
+                "rng": rng_state(device, gen), "skipped": skipped, "in_a_row": in_a_row, "history": history,
+                "seconds": seconds_before + time.perf_counter() - start}
+
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc=desc, dynamic_ncols=True,
+               mininterval=1.0, disable=not (progress and dist.is_main))
     for step in bar:
+        failpoint("step")
+
         # Learning rate: linear warm-up, then constant.
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
 
-        # Loss, gradient, and a step only if the gradient is finite.
-        x0 = data[next(batches)].to(device, non_blocking=True)
-        out = loss_fn(step, x0, gen)
-        grad_norm, stepped = optimizer_step(out.loss, params, optimizer)
+        # The global batch and its noise, identical on every rank; this rank keeps its shard.
+        index = next(batches)[mine]
+        noise = Noise.draw((batch_size, *data.shape[1:]), generator=gen, device=device)[mine]
+
+        # Gradients of the shard, micro-batch by micro-batch; DDP averages them over the ranks on the last one.
+        optimizer.zero_grad(set_to_none=True)
+        losses, stats = [], []
+        for i in range(rounds):
+            part = slice(i * micro, (i + 1) * micro)
+            x0 = data[index[part]].to(device, non_blocking=True)
+            with contextlib.ExitStack() as no_sync:
+                if i < rounds - 1:
+                    for m in ddp_modules:
+                        no_sync.enter_context(m.no_sync())
+                out = loss_fn(step, x0, noise[part])
+                (out.loss / rounds).backward()
+            losses.append(out.loss.detach())
+            stats.append(out.stats)
+
+        # A step only if the gradient is finite.
+        grad_norm, stepped = step_if_finite(params, optimizer)
         if stepped:
             in_a_row = 0
         else:
             skipped, in_a_row = skipped + 1, in_a_row + 1
             if in_a_row >= max_nonfinite:
+                kept = f"; the last checkpoint is kept in {checkpoint.directory}" if checkpoint and checkpoint.enabled else ""
                 raise StageError(f"{desc}: {in_a_row} steps in a row with a non-finite gradient, the last at step {step} "
-                                 f"(loss {out.loss.item():.4g}); lower the learning rate")
+                                 f"(loss {torch.stack(losses).mean().item():.4g}); lower {section}.lr{kept}")
         ema.update(net, (step + 1) * batch_size, batch_size)
 
-        # Log.
+        # Log: the loss and stats of the global batch (averaged over micro-batches and ranks).
         if step % log_every == 0 or step == steps - 1:
+            keys = list(stats[0])
+            local = [torch.stack(losses).mean().item()] + [
+                sum(s[k] for s in stats) * (1 if k in SUMMED_STATS else 1 / rounds) for k in keys]
+            merged = distributed.mean_over_ranks(local, dist, device)
+            merged = [merged[0]] + [v * (dist.world_size if k in SUMMED_STATS else 1) for k, v in zip(keys, merged[1:])]
             elapsed = time.perf_counter() - start
-            row = {"step": step, "kimg": (step + 1) * batch_size / 1000, "loss": out.loss.item(),
-                   "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
-                   "images_per_s": (step + 1) * batch_size / max(elapsed, 1e-9), "skipped": skipped, **out.stats}
+            row = {"step": step, "kimg": (step + 1) * batch_size / 1000, "loss": merged[0], "grad_norm": grad_norm,
+                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": (step + 1 - first_step) * batch_size / max(elapsed, 1e-9),
+                   "skipped": skipped, **dict(zip(keys, merged[1:]))}
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+
+        # Checkpoint (rank 0; every rank holds the same state).
+        if checkpoint is not None and dist.is_main and checkpoint.due(step + 1, steps):
+            checkpoint.save(lambda: snapshot(step + 1))
+    bar.close()
     if not math.isfinite(history[-1]["loss"]):
         raise StageError(f"{desc}: the final loss is not finite")
-    return TrainResult(ema, history, time.perf_counter() - start, skipped)
+    return TrainResult(ema, history, seconds_before + time.perf_counter() - start, skipped, first_step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the training stages share around the loop: precision and processes.
+
+def amp_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The one precision decision of the training stages: bf16 autocast on CUDA if asked; CPU always float32."""
+    return torch.bfloat16 if precision == "bf16" and str(device).startswith("cuda") else None
+
+
+def setup_training(base: Any) -> tuple[distributed.Dist, str]:
+    """``setup_torch`` for a training stage: also joins the torchrun process group and picks this rank's device."""
+    from stages.common import setup_torch
+
+    setup_torch(base)
+    return distributed.setup(base.device)
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:

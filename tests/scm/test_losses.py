@@ -223,3 +223,57 @@ def test_diffusion_loss_is_zero_for_the_exact_velocity_of_a_point_mass():
     out = L.diffusion_loss(Exact(), torch.zeros(64, 3, dtype=torch.float64), sigma_data=SD, P_mean=-1, P_std=1.4,
                            generator=torch.Generator().manual_seed(0))
     assert out.loss.item() < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Given noise (data parallelism) and mixed precision.
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "scd"])
+def test_given_noise_is_the_noise_the_loss_would_draw_and_slices_compose(objective):
+    """Noise.draw from a generator = what the loss draws from it; halves of a batch with halves of its noise give the
+    batch's loss (what every rank of a data-parallel run relies on)."""
+    net = _net(dtype=torch.float32)
+    x0 = SD * torch.randn(8, 2, 6, 6, generator=torch.Generator().manual_seed(3))
+    teacher = lambda x_t, t: tf.velocity(net, x_t, t, SD)
+    cfg = L.SCMConfig(sigma_data=SD, warmup_steps=0)
+    loss = (lambda x, **kw: L.diffusion_loss(net, x, sigma_data=SD, P_mean=-0.8, P_std=1.6, **kw)) if objective == "diffusion" \
+        else (lambda x, **kw: L.scm_loss(net, x, cfg=cfg, step=0, teacher=teacher, **kw))
+    drawn = loss(x0, generator=torch.Generator().manual_seed(7))
+    noise = L.Noise.draw(tuple(x0.shape), generator=torch.Generator().manual_seed(7))
+    given = loss(x0, noise=noise)
+    assert torch.equal(drawn.loss, given.loss) and torch.equal(drawn.t, given.t)
+    halves = [loss(x0[s], noise=noise[s]).loss for s in (slice(0, 4), slice(4, 8))]
+    assert torch.allclose((halves[0] + halves[1]) / 2, given.loss, rtol=1e-5)
+    with pytest.raises(ValueError, match="noise of shape"):
+        loss(x0[:4], noise=noise)
+
+
+def test_time_embedding_and_loss_weight_stay_float32_under_autocast():
+    net, head = _net(dtype=torch.float32), snn.AdaptiveWeight()
+    t = torch.linspace(0.1, 1.5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net.cond(t, None).dtype == torch.float32
+        assert head(t).dtype == torch.float32
+        assert net(torch.randn(4, 2, 6, 6), t).dtype == torch.bfloat16  # the rest of the network does autocast
+
+
+def test_bf16_autocast_touches_only_the_grad_forward():
+    """With amp_dtype=bf16, the tangent (hence g, ‖g‖ and the loss value) is exactly the float32 one, even under an
+    outer autocast; only the gradient, through the bf16 forward, changes (a little)."""
+    x0 = SD * torch.randn(8, 2, 6, 6, generator=torch.Generator().manual_seed(3))
+    noise = L.Noise.draw(tuple(x0.shape), generator=torch.Generator().manual_seed(7))
+    cfg = L.SCMConfig(sigma_data=SD, warmup_steps=0)  # sCT: no teacher call to autocast
+
+    def run(amp, outer):
+        net = _net(dtype=torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=outer):
+            out = L.scm_loss(net, x0, cfg=cfg, step=0, noise=noise, amp_dtype=amp)
+        out.loss.backward()
+        return out, torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    (ref, g_ref), (amp, g_amp), (outer, _) = run(None, False), run(torch.bfloat16, False), run(torch.bfloat16, True)
+    assert amp.loss.dtype == torch.float32
+    assert torch.equal(ref.loss, amp.loss) and ref.stats["g_norm"] == amp.stats["g_norm"] == outer.stats["g_norm"]
+    assert not torch.equal(g_ref, g_amp)  # the forward really ran in bf16
+    assert torch.nn.functional.cosine_similarity(g_ref, g_amp, dim=0) > 0.99

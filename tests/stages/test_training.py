@@ -20,7 +20,7 @@ from torch import nn
 
 from scm.losses import LossOutput
 from stages.common import StageError
-from stages.training import build_net, load_latents, load_model, minibatches, read_model_meta, save_model, train
+from stages.training import Minibatches, build_net, load_latents, load_model, read_model_meta, save_model, train
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (2, 8, 8)
@@ -312,7 +312,7 @@ def test_load_latents_refuses_bad_files(tmp_path):
 
 @pytest.mark.parametrize("n, batch_size", [(12, 4), (10, 4), (7, 7), (5, 8)])
 def test_minibatches_are_seeded_epochs(n, batch_size):
-    take = lambda seed, k: [next(it) for it in [minibatches(n, batch_size, seed)] for _ in range(k)]
+    take = lambda seed, k: [next(it) for it in [Minibatches(n, batch_size, seed)] for _ in range(k)]
     k = 3 * n  # several epochs whatever the sizes
     a, b, c = take(0, k), take(0, k), take(1, k)
     assert all(torch.equal(x, y) for x, y in zip(a, b))  # deterministic for a seed
@@ -385,3 +385,17 @@ def test_train_stops_after_max_nonfinite_in_a_row_naming_the_step():
     assert msg.startswith("linear:") and "4 steps in a row" in msg and "step 6" in msg and "\n" not in msg
     assert seen == list(range(7))  # stopped right there
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_a_non_finite_stop_keeps_the_last_good_checkpoint(tmp_path):
+    from stages.checkpoint import LAST, Checkpointer
+
+    net, data, loss_fn, seen = _linear_problem(lambda step: step >= 5)
+    ck = Checkpointer(tmp_path / "teacher-x", every=2, run_fingerprint="run")
+    with pytest.raises(StageError) as e:
+        _train(net, data, loss_fn, steps=50, max_nonfinite=3, checkpoint=ck)
+    assert "step 7" in str(e.value) and f"the last checkpoint is kept in {ck.directory}" in str(e.value)
+    state = ck.restore()  # the newest checkpoint: step 6 (taken after the skipped step 5 left the weights alone)
+    assert state["step"] == 6 and state["skipped"] == 1
+    assert torch.equal(state["net"]["weight"], net.weight.detach())  # skipped steps never touched the weights
+    assert (ck.directory / LAST).is_file()

@@ -170,7 +170,7 @@ class Checkpointer:
     directory: Path | None
     every: int
     run_fingerprint: str
-    notes: list[str] = field(default_factory=list)  # what restore() found, for the stage to print
+    notes: list[str] = field(default_factory=list)  # what restore() found and did, for the stage to print
 
     @property
     def enabled(self) -> bool:
@@ -185,10 +185,11 @@ class Checkpointer:
         for name in (LAST, PREV):
             path = self.directory / name
             if path.is_file():
-                state, note = read_checkpoint(path, self.run_fingerprint)
-                self.notes.append(note)
+                state, why = read_checkpoint(path, self.run_fingerprint)
                 if state is not None:
+                    self.notes.append(f"resuming from {path} at step {state.get('step')}")
                     return state
+                self.notes.append(f"ignoring {why}")
         return None
 
     def due(self, steps_done: int, total_steps: int) -> bool:

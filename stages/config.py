@@ -243,6 +243,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = get_origin(tp)
     bad = StageError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and {True: "on", False: "off"}[value] in get_args(tp):
+            return {True: "on", False: "off"}[value]  # YAML 1.1 reads a bare `off` as false
         if value not in get_args(tp):
             raise bad
         return value

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +240,8 @@ def train_autoencoder(images: Tensor, params: EncodeParams, seed: int,
 
     # Resume from this run's last checkpoint, if any.
     state = checkpoint.restore() if checkpoint is not None else None
+    for note in checkpoint.notes if checkpoint is not None else []:
+        tqdm.write(f"encode: {note}", file=sys.stderr)
     if state is not None:
         vae.load_state_dict(state["vae"])
         optimizer.load_state_dict(state["optimizer"])

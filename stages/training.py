@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -244,6 +245,8 @@ def train(net: nn.Module, extra: list[nn.Parameter], loss_fn: LossFn, data: Tens
 
     # Resume: the newest checkpoint of this very run (same parameters and inputs), if any.
     state = checkpoint.restore() if checkpoint is not None else None
+    for note in checkpoint.notes if checkpoint is not None and progress and dist.is_main else []:
+        tqdm.write(f"{desc}: {note}", file=sys.stderr)
     if state is not None:
         net.load_state_dict(state["net"])
         for p, value in zip(extra, state["extra"], strict=True):

@@ -101,7 +101,8 @@ def test_restore_falls_back_to_prev_and_cleans_up(tmp_path: Path):
     (ck.directory / ".ckpt-abc.tmp").write_bytes(b"half a write")  # a write killed before its rename
     state = ck.restore()
     assert state == {"step": 5}
-    assert "unreadable" in ck.notes[0] and ck.notes[1] == str(ck.directory / PREV)
+    assert ck.notes[0].startswith(f"ignoring {ck.directory / LAST}: unreadable")
+    assert ck.notes[1] == f"resuming from {ck.directory / PREV} at step 5"
     assert not (ck.directory / ".ckpt-abc.tmp").exists()
     ck.clear()
     assert not ck.directory.exists() and not tmp_path.exists()  # the empty root goes too

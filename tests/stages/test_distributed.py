@@ -43,14 +43,9 @@ def test_micro_batches_and_bad_splits():
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory) -> Path:
-    from safetensors.torch import save_file
+    from test_training import write_latents
 
-    folder = tmp_path_factory.mktemp("latents")
-    g = torch.Generator().manual_seed(0)
-    save_file({"train": 0.5 * torch.randn(32, *SHAPE, generator=g), "eval": 0.5 * torch.randn(8, *SHAPE, generator=g),
-               "train_labels": torch.arange(32) % 10, "eval_labels": torch.arange(8) % 10}, str(folder / "latents.safetensors"))
-    (folder / "codec.json").write_text(json.dumps({"kind": "identity", "latent_shape": list(SHAPE), "sigma_data": 0.5}))
-    return folder
+    return write_latents(tmp_path_factory.mktemp("data") / "latents", SHAPE, n_train=32)
 
 
 PARAMS = """

@@ -30,14 +30,9 @@ EVERY, STEPS = 5, 40
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory) -> Path:
-    from safetensors.torch import save_file
+    from test_training import write_latents
 
-    folder = tmp_path_factory.mktemp("latents")
-    g = torch.Generator().manual_seed(0)
-    save_file({"train": 0.5 * torch.randn(40, *SHAPE, generator=g), "eval": 0.5 * torch.randn(8, *SHAPE, generator=g),
-               "train_labels": torch.arange(40) % 10, "eval_labels": torch.arange(8) % 10}, str(folder / "latents.safetensors"))
-    (folder / "codec.json").write_text(json.dumps({"kind": "identity", "latent_shape": list(SHAPE), "sigma_data": 0.5}))
-    return folder
+    return write_latents(tmp_path_factory.mktemp("data") / "latents", SHAPE, n_train=40)
 
 
 PARAMS = f"""
@@ -56,9 +51,9 @@ def _stage_argv(stage: str, project: Path, latents: Path, teacher: Path | None) 
     return argv + (["--teacher", str(teacher)] if teacher is not None else [])
 
 
-def _run(argv: list[str], project: Path, failpoint: str = "", kill_when: Path | None = None) -> int:
+def _run(argv: list[str], project: Path, failpoint: str = "", kill_when: Path | None = None) -> tuple[int, str]:
     """Run a stage; with ``failpoint`` it kills itself there; with ``kill_when``, SIGKILL it from outside a random
-    0-30 ms after that file appears. Its exit code (negative: the signal)."""
+    0-30 ms after that file appears. Its exit code (negative: the signal) and stderr."""
     env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "SCM_FAILPOINT")}
     env["PYTHONPATH"] = str(ROOT)
     if failpoint:
@@ -72,7 +67,7 @@ def _run(argv: list[str], project: Path, failpoint: str = "", kill_when: Path | 
         proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode in (0, -signal.SIGKILL), f"{argv}: exit {proc.returncode}\n{err[-3000:]}"
-    return proc.returncode
+    return proc.returncode, err
 
 
 def _files(project: Path) -> set[str]:
@@ -102,25 +97,26 @@ def test_killed_training_resumes_to_identical_weights(stage: str, latents: Path,
         (project / "params.yaml").write_text(PARAMS)
 
     # The uninterrupted run.
-    assert _run(_stage_argv(stage, ref, latents, teacher), ref) == 0
+    assert _run(_stage_argv(stage, ref, latents, teacher), ref)[0] == 0
     ckdir = work / "checkpoints" / f"{stage}-cpu-xs"
     argv = _stage_argv(stage, work, latents, teacher)
 
     # 1. Killed before its 8th step: checkpoint 5 is on disk, steps 5-6 are lost.
-    assert _run(argv, work, "step:8") == -signal.SIGKILL
+    assert _run(argv, work, "step:8")[0] == -signal.SIGKILL
     assert _checkpoint_steps(ckdir) == {LAST: 5} and not (work / "out").exists()
     # 2. Resumes at 5; killed with checkpoint 15 written to a temporary file, not yet renamed.
-    assert _run(argv, work, "checkpoint-tmp:2") == -signal.SIGKILL
+    assert _run(argv, work, "checkpoint-tmp:2")[0] == -signal.SIGKILL
     assert _checkpoint_steps(ckdir) == {LAST: 10, PREV: 5}
     assert len(list(ckdir.glob(".ckpt-*.tmp"))) == 1  # the torn write, never read
     # 3. Resumes at 10; killed between "last -> prev" and "new -> last": only prev (10) is complete.
-    assert _run(argv, work, "checkpoint-swap:1") == -signal.SIGKILL
+    assert _run(argv, work, "checkpoint-swap:1")[0] == -signal.SIGKILL
     assert _checkpoint_steps(ckdir) == {PREV: 10}
     # 4. Resumes at 10 (from prev); killed from outside just after it writes checkpoint 15.
-    assert _run(argv, work, kill_when=ckdir / LAST) == -signal.SIGKILL
+    assert _run(argv, work, kill_when=ckdir / LAST)[0] == -signal.SIGKILL
     assert _checkpoint_steps(ckdir)[LAST] >= 15
-    # 5. Runs to the end.
-    assert _run(argv, work) == 0
+    # 5. Runs to the end, and says where it resumed.
+    code, err = _run(argv, work)
+    assert code == 0 and f"{stage}-cpu-xs: resuming from {ckdir / LAST} at step" in err
 
     # Same weights, bit for bit; the same loss at every step; the resume is recorded; nothing left behind.
     a, b = load_file(str(ref / "out" / "model.safetensors")), load_file(str(work / "out" / "model.safetensors"))
@@ -138,7 +134,7 @@ def teacher_dir(latents: Path, tmp_path_factory) -> Path:
     """A teacher for the distill runs (a short uninterrupted teacher run)."""
     project = tmp_path_factory.mktemp("teacher")
     (project / "params.yaml").write_text(PARAMS.replace(f"steps: {STEPS}", "steps: 4", 1))
-    assert _run(_stage_argv("teacher", project, latents, None), project) == 0
+    assert _run(_stage_argv("teacher", project, latents, None), project)[0] == 0
     return project / "out"
 
 
@@ -154,13 +150,13 @@ def test_autoencoder_training_resumes_to_identical_weights(tmp_path: Path):
         (project / "params.yaml").write_text(PARAMS)
     argv = lambda project: [sys.executable, "-m", "stages.encode", "--params", str(project / "params.yaml"),
                             "--data", str(prepared), "--out", str(project / "out")]
-    assert _run(argv(ref), ref) == 0
+    assert _run(argv(ref), ref)[0] == 0
     ckdir = work / "checkpoints" / "encode"
-    assert _run(argv(work), work, "step:13") == -signal.SIGKILL
+    assert _run(argv(work), work, "step:13")[0] == -signal.SIGKILL
     assert _checkpoint_steps(ckdir) == {LAST: 10, PREV: 5}
-    assert _run(argv(work), work, "checkpoint-tmp:3") == -signal.SIGKILL
+    assert _run(argv(work), work, "checkpoint-tmp:3")[0] == -signal.SIGKILL
     assert _checkpoint_steps(ckdir) == {LAST: 20, PREV: 15}
-    assert _run(argv(work), work) == 0
+    assert _run(argv(work), work)[0] == 0
     for name in ("latents.safetensors", "codec/diffusion_pytorch_model.safetensors"):
         a, b = load_file(str(ref / "out" / name)), load_file(str(work / "out" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

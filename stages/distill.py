@@ -25,8 +25,8 @@ from scm.trigflow import velocity
 from stages import config, distributed
 from stages.checkpoint import checkpoint_root, run_checkpointer
 from stages.common import atomic_output_dir, cli, write_json, write_provenance
-from stages.training import (amp_dtype, load_latents, load_model, save_model,
-                             setup_training, train, write_history)
+from stages.training import (add_training_args, amp_dtype, load_latents, load_model, run_on_ranks, save_model,
+                             train, write_history)
 
 
 def scm_config(params: config.DistillParams, sigma_data: float) -> SCMConfig:
@@ -94,20 +94,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m stages.distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_params_args(parser)
-    parser.add_argument("--scale", required=True, help=f"model scale ({', '.join(snn.SCALES)})")
-    parser.add_argument("--latents", type=Path, default=Path("data/latents"), help="encode stage output")
+    add_training_args(parser)
     parser.add_argument("--teacher", type=Path, required=True, help="teacher stage output directory")
-    parser.add_argument("--out", type=Path, required=True, help="output directory, replaced whole on success")
-    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
-    parser.add_argument("--history", type=Path, required=True, help="training-curve CSV to write")
     args = parser.parse_args(argv)
     p = config.load_args(args)
-    dist, device = setup_training(p.base)
-    try:
-        m = run(p.distill, p.base, args.scale, args.latents, args.teacher, args.out, args.metrics, args.history,
-                device=device, dist=dist, checkpoint_root=checkpoint_root(p.base))
-    finally:
-        distributed.teardown(dist)
+    m = run_on_ranks(p.base, lambda dist, device: run(
+        p.distill, p.base, args.scale, args.latents, args.teacher, args.out, args.metrics, args.history, device=device,
+        dist=dist, checkpoint_root=checkpoint_root(p.base)))
     if m is None:  # not rank 0
         return {}
     print(f"distill-{args.scale}: {m['method']}, final loss {m['final_loss']:.4f}, {m['skipped_steps']} skipped steps, "

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from stages.common import StageError, sha256_file
+from stages.common import StageError, atomic_replace_file, sha256_file
 
 CHUNK = 1 << 20
 
@@ -63,23 +63,31 @@ def fetch(source: str, sha256: str, dest: Path) -> Path:
     if source.startswith(("models:/", "runs:/")):
         import mlflow
 
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp()))
-        except Exception as e:  # MLflow raises many types; all mean "not available"
-            raise StageError(f"{source}: MLflow could not provide this model ({str(e).splitlines()[0][:200]})") from None
-        if local.is_dir():
-            found = sorted(local.rglob("*.safetensors"))
-            if not found:
-                raise StageError(f"{source}: the MLflow artifact holds no .safetensors file")
-            local = found[0]
-        source = str(local)
+        with tempfile.TemporaryDirectory(prefix="scm-mlflow-") as tmp:  # removed whatever happens
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
+            except Exception as e:  # MLflow raises many types; all mean "not available"
+                raise StageError(f"{source}: MLflow could not provide this model ({str(e).splitlines()[0][:200]})") from None
+            if local.is_dir():
+                found = sorted(local.rglob("*.safetensors"))
+                if not found:
+                    raise StageError(f"{source}: the MLflow artifact holds no .safetensors file")
+                local = found[0]
+            return _copy_local(str(local), sha256, dest, name=source)
+    return _copy_local(source, sha256, dest, name=source)
+
+
+def _copy_local(source: str, sha256: str, dest: Path, *, name: str) -> Path:
+    """Copy a local model file (or directory holding ``model.safetensors``) to ``dest``, checking ``sha256`` if given.
+
+    The copy goes to a temporary file beside ``dest`` and is renamed into place complete.
+    """
     path = Path(source)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
-        raise StageError(f"{source}: no such model file or directory")
+        raise StageError(f"{name}: no such model file or directory")
     if sha256 and sha256_file(path) != sha256.strip().lower():
-        raise StageError(f"{source}: sha256 mismatch (expected {sha256.strip().lower()}, got {sha256_file(path)})")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, dest)
+        raise StageError(f"{name}: sha256 mismatch (expected {sha256.strip().lower()}, got {sha256_file(path)})")
+    atomic_replace_file(dest, lambda tmp: shutil.copyfile(path, tmp))
     return dest

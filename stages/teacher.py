@@ -23,8 +23,8 @@ from stages import config, distributed
 from stages.checkpoint import checkpoint_root, run_checkpointer
 from stages.common import StageError, atomic_output_dir, cli, write_json, write_provenance
 from stages.fetch import fetch
-from stages.training import (amp_dtype, build_net, load_latents, load_model, save_model,
-                             setup_training, train, write_history)
+from stages.training import (add_training_args, amp_dtype, build_net, load_latents, load_model, run_on_ranks,
+                             save_model, train, write_history)
 
 
 def run(params: config.TeacherParams, base: config.BaseParams, scale: str, latents_dir: Path, out_dir: Path,
@@ -88,19 +88,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m stages.teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_params_args(parser)
-    parser.add_argument("--scale", required=True, help=f"model scale ({', '.join(snn.SCALES)})")
-    parser.add_argument("--latents", type=Path, default=Path("data/latents"), help="encode stage output")
-    parser.add_argument("--out", type=Path, required=True, help="output directory, replaced whole on success")
-    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
-    parser.add_argument("--history", type=Path, required=True, help="training-curve CSV to write")
+    add_training_args(parser)
     args = parser.parse_args(argv)
     p = config.load_args(args)
-    dist, device = setup_training(p.base)
-    try:
-        m = run(p.teacher, p.base, args.scale, args.latents, args.out, args.metrics, args.history, device=device,
-                dist=dist, checkpoint_root=checkpoint_root(p.base))
-    finally:
-        distributed.teardown(dist)
+    m = run_on_ranks(p.base, lambda dist, device: run(
+        p.teacher, p.base, args.scale, args.latents, args.out, args.metrics, args.history, device=device, dist=dist,
+        checkpoint_root=checkpoint_root(p.base)))
     if m is None:  # not rank 0
         return {}
     print(f"teacher-{args.scale}: {m['n_params'] / 1e6:.2f} M params, source {m['source']}, final loss {m['final_loss']}, "

@@ -6,6 +6,7 @@ network description (scale, U-Net config, latent shape, σ_d). They are never pi
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -69,8 +70,9 @@ def load_latents(latents_dir: Path) -> Latents:
     if t["train"].ndim != 4 or t["eval"].shape[1:] != t["train"].shape[1:]:
         raise StageError(f"{path}: expected train/eval latents of shape (N, C, H, W) alike, "
                          f"got {list(t['train'].shape)} and {list(t['eval'].shape)}")
-    if not torch.isfinite(t["train"]).all():
-        raise StageError(f"{path}: the train latents contain NaN or inf")
+    for split in ("train", "eval"):
+        if not torch.isfinite(t[split]).all():
+            raise StageError(f"{path}: the {split} latents contain NaN or inf")
     try:
         codec = json.loads(meta.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -336,12 +338,28 @@ def amp_dtype(precision: str, device: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" and str(device).startswith("cuda") else None
 
 
-def setup_training(base: Any) -> tuple[distributed.Dist, str]:
-    """``setup_torch`` for a training stage: also joins the torchrun process group and picks this rank's device."""
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments the teacher and distill CLIs share (besides the params arguments)."""
+    parser.add_argument("--scale", required=True, help=f"model scale ({', '.join(snn.SCALES)})")
+    parser.add_argument("--latents", type=Path, default=Path("data/latents"), help="encode stage output")
+    parser.add_argument("--out", type=Path, required=True, help="output directory, replaced whole on success")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    parser.add_argument("--history", type=Path, required=True, help="training-curve CSV to write")
+
+
+def run_on_ranks(base: Any, fn: Callable[[distributed.Dist, str], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Configure torch, join the torchrun process group if launched by it, run ``fn(dist, device)``, leave the group.
+
+    ``fn`` returns its metrics on rank 0 and None on the other ranks.
+    """
     from stages.common import setup_torch
 
     setup_torch(base)
-    return distributed.setup(base.device)
+    dist, device = distributed.setup(base.device)
+    try:
+        return fn(dist, device)
+    finally:
+        distributed.teardown(dist)
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:

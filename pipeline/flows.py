@@ -133,7 +133,7 @@ def open_record(cfg: P.Configuration, tracking_uri: str | None, parent_run_id: s
     name = label or f"{kind}-{cfg.profile}"
     record = T.open_parent(uri, cfg.project, cfg.profile, run_name=name, params=params, tags=tags,
                            parent_run_id=parent_run_id)
-    get_run_logger().info("MLflow: %s, experiment %s, run %s", uri, T.experiment_name(cfg.profile), record.run_id)
+    get_run_logger().info("MLflow: %s, experiment %s, run %s", T.redact(uri), T.experiment_name(cfg.profile), record.run_id)
     return record
 
 
@@ -234,7 +234,7 @@ def reproduce(profile: str | None = None, overrides: list[str] | dict[str, Any] 
         raise
     T.close(record, "FINISHED")
     return {"project": str(cfg.project), "profile": cfg.profile, "scales": list(cfg.scales),
-            "tracking_uri": record.uri, "experiment_id": record.experiment_id, "run_id": record.run_id,
+            "tracking_uri": T.redact(record.uri), "experiment_id": record.experiment_id, "run_id": record.run_id,
             "stages": outcomes, "children": children, "table": table}
 
 
@@ -354,7 +354,7 @@ def sweep(grid: dict[str, list[Any]] | None = None, scales: list[str] | None = N
         T.close(record, "FAILED")
         raise
     T.close(record, "FINISHED")
-    return {"run_id": record.run_id, "tracking_uri": uri, "experiment_id": record.experiment_id,
+    return {"run_id": record.run_id, "tracking_uri": T.redact(uri), "experiment_id": record.experiment_id,
             "sweep_dir": str(sweep_dir), "points": results, "table": table}
 
 

@@ -56,6 +56,20 @@ def tracking_uri(project: Path, uri: str | None = None) -> str:
     return f"sqlite:///{Path(project).resolve() / 'mlflow.db'}"  # sqlite:////abs/path: four slashes
 
 
+def redact(uri: str) -> str:
+    """``uri`` fit for logs and results: any ``user:password@`` in it replaced by ``***@``.
+
+    Pass credentials to a team server through MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or _TOKEN), not in
+    the URI; if a URI carries them anyway, they never reach a log, a Prefect result or the repository.
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
 def artifact_location(uri: str, project: Path) -> str | None:
     """Where a new experiment keeps its artifacts: beside a SQLite store, else the tracking server's choice."""
     if uri.startswith("sqlite:///"):

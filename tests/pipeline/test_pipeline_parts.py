@@ -13,6 +13,7 @@ import yaml
 from helpers import ROOT, make_project
 from pipeline import cli
 from pipeline import project as P
+from pipeline import tracking as T
 from stages.common import StageError
 from stages.config import load
 
@@ -148,3 +149,13 @@ def test_cli_help_and_bad_input(params_dir, capsys):
     assert cli.main(["sweep", "--project", str(params_dir), "--profile", "smoke", "-G", "distill.steps=4,0"]) == 2
     assert "distill.steps" in capsys.readouterr().err
     assert not (params_dir / "data").exists()
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("https://alice:s3cret@mlflow.example.org/", "https://***@mlflow.example.org/"),
+    ("http://token@10.0.0.5:5000", "http://***@10.0.0.5:5000"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
+])
+def test_credentials_in_a_tracking_uri_never_reach_logs_or_results(uri, shown):
+    assert T.redact(uri) == shown

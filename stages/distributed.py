@@ -97,10 +97,10 @@ def shard(n: int, dist: Dist) -> slice:
     return slice(dist.rank * share, (dist.rank + 1) * share)
 
 
-def mean_over_ranks(values: list[float], dist: Dist, device: str | torch.device) -> list[float]:
-    """The mean of each value over the ranks (for logging); the values themselves with one process."""
+def sum_over_ranks(values: list[float], dist: Dist, device: str | torch.device) -> list[float]:
+    """The sum of each value over the ranks (for logging); the values themselves with one process."""
     if not dist.enabled:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch_dist.all_reduce(t)
-    return (t / dist.world_size).tolist()
+    return t.tolist()

@@ -309,15 +309,14 @@ def train(net: nn.Module, extra: list[nn.Parameter], loss_fn: LossFn, data: Tens
 
         # Log: the loss and stats of the global batch (averaged over micro-batches and ranks).
         if step % log_every == 0 or step == steps - 1:
-            keys = list(stats[0])
-            local = [torch.stack(losses).mean().item()] + [
-                sum(s[k] for s in stats) * (1 if k in SUMMED_STATS else 1 / rounds) for k in keys]
-            merged = distributed.mean_over_ranks(local, dist, device)
-            merged = [merged[0]] + [v * (dist.world_size if k in SUMMED_STATS else 1) for k, v in zip(keys, merged[1:])]
+            keys, parts = list(stats[0]), rounds * dist.world_size
+            totals = distributed.sum_over_ranks([torch.stack(losses).sum().item()] +
+                                                [sum(s[k] for s in stats) for k in keys], dist, device)
+            logged = {k: v if k in SUMMED_STATS else v / parts for k, v in zip(keys, totals[1:])}
             elapsed = time.perf_counter() - start
-            row = {"step": step, "kimg": (step + 1) * batch_size / 1000, "loss": merged[0], "grad_norm": grad_norm,
+            row = {"step": step, "kimg": (step + 1) * batch_size / 1000, "loss": totals[0] / parts, "grad_norm": grad_norm,
                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": (step + 1 - first_step) * batch_size / max(elapsed, 1e-9),
-                   "skipped": skipped, **dict(zip(keys, merged[1:]))}
+                   "skipped": skipped, **logged}
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
 

@@ -116,7 +116,10 @@ class TeacherParams:
 
 @dataclass(frozen=True)
 class DistillParams:
-    """stages/distill.py (per scale): sCD from the teacher (default) or sCT, initialised from the teacher's EMA."""
+    """stages/distill.py (per scale): sCD from the teacher or sCT, initialised from the teacher's EMA.
+
+    The defaults here are the paper's CIFAR-10 sCD values; params.yaml sets the project's (sCT).
+    """
 
     method: Literal["scd", "sct"] = "scd"
     steps: int = _f(1500, lo=1)

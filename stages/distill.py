@@ -1,4 +1,4 @@
-"""Distill stage (per scale): sCD from the teacher (default) or sCT, both initialised from the teacher's EMA.
+"""Distill stage (per scale): sCD from the teacher or sCT (``distill.method``), both initialised from the teacher's EMA.
 
 Consumes ``data/latents`` and ``artifacts/<scale>/teacher``. Produces ``artifacts/<scale>/distill/model.safetensors``
 (the student's EMA weights) with ``resolved_params.json``, ``metrics/<scale>/distill.json`` and the training curve

@@ -42,6 +42,7 @@ def summarise(scale: str, metrics_dir: Path, sample_cfg: dict[str, Any] | None =
     return {
         "scale": scale,
         "n_params": m["teacher"]["n_params"],
+        "distill_method": m["distill"].get("method"),
         "teacher_nfe": get("nfe_teacher"),
         "fid_clf": {"teacher": get("fid_clf_teacher"), "scm1": get("fid_clf_scm1"), "scm2": get("fid_clf_scm2"),
                     "recon": get("fid_clf_recon")},
@@ -122,13 +123,14 @@ def markdown(entries: list[dict[str, Any]], title: str) -> str:
     f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
     lines = [f"# {title}", "", "FID in the classifier's feature space (`fid_clf`, mean ± std over sample seed sets); "
              "ratio = sCM / teacher; speedup = teacher sampler time / sCM sampler time (same batch, decoder excluded).", "",
-             "| scale | params (M) | teacher NFE | FID teacher | FID sCM 1-step | FID sCM 2-step | rFID floor | ratio 1-step | ratio 2-step "
+             "| scale | params (M) | sCM | teacher NFE | FID teacher | FID sCM 1-step | FID sCM 2-step | rFID floor | ratio 1-step | ratio 2-step "
              "| ms/img teacher | ms/img 1-step | ms/img 2-step | speedup 2-step (of NFE ratio) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         fc, sd = e["fid_clf"], e["fid_clf_std"]
         pm = lambda k: f"{f(fc[k])} ± {f(sd.get(k))}"
-        lines.append(f"| {e['scale']} | {e['n_params'] / 1e6:.2f} | {e['teacher_nfe']} | {pm('teacher')} | {pm('scm1')} | "
+        method = {"scd": "sCD", "sct": "sCT"}.get(e.get("distill_method"), "n/a")
+        lines.append(f"| {e['scale']} | {e['n_params'] / 1e6:.2f} | {method} | {e['teacher_nfe']} | {pm('teacher')} | {pm('scm1')} | "
                      f"{pm('scm2')} | {f(fc['recon'])} | {f(e['fid_clf_ratio']['scm1'])} | {f(e['fid_clf_ratio']['scm2'])} | "
                      f"{f(e['sec_per_image']['teacher'] * 1e3, 3)} | {f(e['sec_per_image']['scm1'] * 1e3, 3)} | "
                      f"{f(e['sec_per_image']['scm2'] * 1e3, 3)} | {f(e['speedup']['scm2'], 1)}x "

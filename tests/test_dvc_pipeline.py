@@ -72,6 +72,7 @@ def test_every_stage_ran_and_wrote_its_outputs(repro):
         assert e["fid_clf"]["teacher"] > 0 and e["teacher_nfe"] == 5  # smoke: dpm2 with 3 steps
     resolved = json.loads((repo / "artifacts/cpu-s/distill/resolved_params.json").read_text())
     assert resolved["git_commit"] != "unknown" and resolved["params"]["distill"]["steps"] == 6
+    assert {e["distill_method"] for e in summary["scales"]} == {resolved["params"]["distill"]["method"]}
 
 
 def test_second_repro_is_a_no_op_and_status_is_clean(repro):

@@ -51,7 +51,7 @@ def latents(tmp_path_factory) -> Path:
 PARAMS = """
 base: {device: cpu, threads: 1, scales: [cpu-xs]}
 teacher: {steps: 4, batch_size: 8, lr: 0.002, warmup_steps: 0, log_every: 1, ema_half_life_kimg: 0.001}
-distill: {steps: 4, batch_size: 8, lr: 0.001, warmup_steps: 2, log_every: 1, ema_half_life_kimg: 0.001}
+distill: {method: scd, steps: 4, batch_size: 8, lr: 0.001, warmup_steps: 2, log_every: 1, ema_half_life_kimg: 0.001}
 """
 
 

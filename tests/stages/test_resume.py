@@ -38,7 +38,7 @@ def latents(tmp_path_factory) -> Path:
 PARAMS = f"""
 base: {{device: cpu, threads: 1, scales: [cpu-xs]}}
 teacher: {{steps: {STEPS}, batch_size: 8, warmup_steps: 3, log_every: 1, checkpoint_every: {EVERY}, ema_half_life_kimg: 0.05}}
-distill: {{steps: {STEPS}, batch_size: 8, warmup_steps: 6, log_every: 1, checkpoint_every: {EVERY}, ema_half_life_kimg: 0.05}}
+distill: {{method: scd, steps: {STEPS}, batch_size: 8, warmup_steps: 6, log_every: 1, checkpoint_every: {EVERY}, ema_half_life_kimg: 0.05}}
 encode: {{codec: train, channels: [8, 16], latent_channels: 2, steps: {STEPS}, batch_size: 8, encode_batch_size: 16,
          checkpoint_every: {EVERY}}}
 """

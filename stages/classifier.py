@@ -158,6 +158,18 @@ def save_classifier(net: Classifier, path: Path) -> None:
     save_file(tensors, str(path), metadata={"classifier": json.dumps(net.architecture, sort_keys=True)})
 
 
+def held_out_accuracy(directory: str | Path) -> float | None:
+    """The eval-split accuracy recorded in ``classifier.json`` beside the weights (None if it records none)."""
+    info = Path(directory) / "classifier.json"
+    if not info.is_file():
+        return None
+    try:
+        value = json.loads(info.read_text()).get("accuracy")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise StageError(f"{info}: not a JSON object (not written by stages.classifier?)") from None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def load_classifier(path: str | Path) -> Classifier:
     """Rebuild a :class:`Classifier` from ``model.safetensors`` (or the directory holding it), in eval mode on the CPU.
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from scm import samplers as S
 from stages import config
+from stages.classifier import held_out_accuracy
 from stages.common import StageError, cli, setup_torch, write_json
 from stages.encode import Codec, load_codec
 from stages.fidelity import compute_quality, summarise_seeds
@@ -127,11 +128,13 @@ def run(params: config.EvaluateParams, sample_params: config.SampleParams, base:
         if flat.get("fid_clf_teacher"):
             flat[f"fid_clf_ratio_{m}"] = flat[f"fid_clf_{m}"] / flat["fid_clf_teacher"]
     flat |= {k: v for k, v in speed.items() if isinstance(v, (int, float))}
+    flat["clf_accuracy"] = held_out_accuracy(classifier_dir)  # how good the fid_clf feature extractor is
     flat["inception_status"] = inception_status
     flat["wall_seconds"] = round(time.perf_counter() - start, 2)
     protocol = {"reference": f"eval split of {prepared_dir} ({len(reference)} images)",
                 "generated_per_set": sample_params.num_samples, "seed_sets": seed_sets,
-                "features": {"clf": f"penultimate layer of the classifier in {classifier_dir}", "inception": inception_status},
+                "features": {"clf": f"penultimate layer of the classifier in {classifier_dir} (held-out accuracy "
+                                    f"{flat['clf_accuracy']})", "inception": inception_status},
                 "kid_subset_size": params.kid_subset_size, "speed": "median seconds per image over repeats, batch "
                 f"{speed['batch_size']}, after one warm-up, samplers interleaved; decoder timed separately"}
     write_json(details_path, {"protocol": protocol, "summary": summary, "per_seed": per_seed, "speed": speed})

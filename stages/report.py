@@ -44,6 +44,7 @@ def summarise(scale: str, metrics_dir: Path, sample_cfg: dict[str, Any] | None =
         "n_params": m["teacher"]["n_params"],
         "distill_method": m["distill"].get("method"),
         "teacher_nfe": get("nfe_teacher"),
+        "clf_accuracy": get("clf_accuracy"),
         "fid_clf": {"teacher": get("fid_clf_teacher"), "scm1": get("fid_clf_scm1"), "scm2": get("fid_clf_scm2"),
                     "recon": get("fid_clf_recon")},
         "fid_clf_std": {"teacher": get("fid_clf_teacher_std"), "scm1": get("fid_clf_scm1_std"), "scm2": get("fid_clf_scm2_std")},
@@ -121,7 +122,9 @@ def side_by_side(grids: list[Path], path: Path) -> None:
 
 def markdown(entries: list[dict[str, Any]], title: str) -> str:
     f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
-    lines = [f"# {title}", "", "FID in the classifier's feature space (`fid_clf`, mean ± std over sample seed sets); "
+    accuracy = entries[0].get("clf_accuracy") if entries else None
+    clf = f"a classifier with {accuracy:.1%} held-out accuracy" if accuracy is not None else "a classifier"
+    lines = [f"# {title}", "", f"FID in the feature space of {clf} (`fid_clf`, mean ± std over sample seed sets); "
              "ratio = sCM / teacher; speedup = teacher sampler time / sCM sampler time (same batch, decoder excluded).", "",
              "| scale | params (M) | sCM | teacher NFE | FID teacher | FID sCM 1-step | FID sCM 2-step | rFID floor | ratio 1-step | ratio 2-step "
              "| ms/img teacher | ms/img 1-step | ms/img 2-step | speedup 2-step (of NFE ratio) |",

@@ -68,8 +68,11 @@ def test_every_stage_ran_and_wrote_its_outputs(repro):
     summary = json.loads((repo / "reports/summary.json").read_text())
     assert [e["scale"] for e in summary["scales"]] == list(SCALES)
     assert summary["scales"][0]["n_params"] < summary["scales"][1]["n_params"]
+    accuracy = json.loads((repo / "artifacts/classifier/metrics.json").read_text())["accuracy"]
     for e in summary["scales"]:
         assert e["fid_clf"]["teacher"] > 0 and e["teacher_nfe"] == 5  # smoke: dpm2 with 3 steps
+        assert e["clf_accuracy"] == accuracy  # fid_clf is reported beside its feature extractor's accuracy
+    assert f"{accuracy:.1%} held-out accuracy" in (repo / "reports/report.md").read_text()
     resolved = json.loads((repo / "artifacts/cpu-s/distill/resolved_params.json").read_text())
     assert resolved["git_commit"] != "unknown" and resolved["params"]["distill"]["steps"] == 6
     assert {e["distill_method"] for e in summary["scales"]} == {resolved["params"]["distill"]["method"]}

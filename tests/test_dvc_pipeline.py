@@ -104,3 +104,20 @@ def test_a_distill_parameter_invalidates_only_what_depends_on_it(repro):
         assert not any(k.startswith(("teacher@", "data", "encode", "classifier")) for k in changed), changed
     finally:
         params.write_text(original)
+
+
+def test_fresh_seeds_scores_the_finished_models_on_unused_seed_sets(repro):
+    """benchmarks/fresh_seeds.py re-scores a finished run on other seed sets; on the pipeline's own set 0 it must
+    reproduce the evaluate stage's fid_clf, which shows that it scores exactly as the pipeline does."""
+    repo, _ = repro
+    script = ROOT / "benchmarks" / "fresh_seeds.py"
+    evaluation = json.loads((repo / "artifacts/cpu-xs/evaluation.json").read_text())
+    n = evaluation["protocol"]["generated_per_set"]
+    out = _run([sys.executable, str(script), "--run", str(repo), "--scale", "cpu-xs", "--seed-sets", "0",
+                "--num-samples", str(n)], repo)
+    for m in ("teacher", "scm1", "scm2"):
+        printed = float(re.search(rf"cpu-xs {m}: fid_clf (\S+)", out).group(1))
+        assert printed == pytest.approx(evaluation["per_seed"][m][0]["fid_clf"], abs=0.006), (m, out)
+    out = _run([sys.executable, str(script), "--run", str(repo), "--scale", "cpu-xs", "--seed-sets", "7", "8",
+                "--num-samples", str(n)], repo)
+    assert "over seed sets [7, 8]" in out and "ratio to the teacher: 1-step" in out

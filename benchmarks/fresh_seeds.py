@@ -14,20 +14,20 @@ import statistics
 from pathlib import Path
 
 from stages import config
-from stages.common import setup_torch
+from stages.common import cli, setup_torch
 from stages.data import load_split
 from stages.encode import load_codec
 from stages.fidelity import compute_quality
 from stages.sample import METHODS, build_samplers, generate, load_models, seeds_of
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("."), help="a project directory after `dvc repro`")
     parser.add_argument("--scale", required=True)
     parser.add_argument("--seed-sets", type=int, nargs="+", default=[3, 4, 5])
     parser.add_argument("--num-samples", type=int, default=1000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     run = args.run
     p = config.load(run / "params.yaml")
@@ -57,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli(main))  # a missing run or model: one "error:" line, exit code 2

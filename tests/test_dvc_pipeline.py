@@ -76,6 +76,8 @@ def test_every_stage_ran_and_wrote_its_outputs(repro):
     resolved = json.loads((repo / "artifacts/cpu-s/distill/resolved_params.json").read_text())
     assert resolved["git_commit"] != "unknown" and resolved["params"]["distill"]["steps"] == 6
     assert {e["distill_method"] for e in summary["scales"]} == {resolved["params"]["distill"]["method"]}
+    distilled = json.loads((repo / "metrics/cpu-s/distill.json").read_text())
+    assert distilled["final_r"] == 1.0  # the tangent warm-up's r at the last step (smoke: H = 3 < 6 steps)
 
 
 def test_second_repro_is_a_no_op_and_status_is_clean(repro):

@@ -81,7 +81,8 @@ def run(params: config.DistillParams, base: config.BaseParams, scale: str, laten
                                "world_size": dist.world_size})
     last = result.history[-1]
     metrics = {"scale": scale, "method": params.method, "n_params": meta["n_params"], "final_loss": last["loss"],
-               "final_g_norm": last.get("g_norm"), "final_r": last.get("r"), "nonfinite_samples": sum(r.get("nonfinite", 0) for r in result.history),
+               "final_g_norm": last.get("g_norm"), "final_r": last.get("r"),
+               "nonfinite_samples": sum(r.get("nonfinite", 0) for r in result.history),
                "skipped_steps": result.skipped_steps, "resumed_from_step": result.resumed_from,
                "train_seconds": round(result.seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2)}
     write_json(metrics_path, metrics)

@@ -56,16 +56,18 @@ def main() -> None:
     opt = torch.optim.RAdam(params, lr=1e-4)
     x0 = sd * torch.randn(args.batch, *args.shape, device=dev)
     teacher_v = lambda x, t: tf.velocity(teacher, x, t, sd)
-    cfg = L.SCMConfig(sigma_data=sd, warmup_steps=0)
+    cfg = L.SCMConfig(sigma_data=sd, tangent_warmup_steps=0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def teacher_step(amp=None):
-        out = L.diffusion_loss(net, x0, sigma_data=sd, P_mean=-0.8, P_std=1.6, weight_head=head, amp_dtype=amp)
+        net.amp_dtype = amp
+        out = L.diffusion_loss(net, x0, sigma_data=sd, P_mean=-0.8, P_std=1.6, weight_head=head)
         L.optimizer_step(out.loss, params, opt)
         sync()
 
     def scd_step(amp=None):
-        out = L.scm_loss(net, x0, cfg=cfg, step=10**6, teacher=teacher_v, weight_head=head, amp_dtype=amp)
+        net.amp_dtype = amp
+        out = L.scm_loss(net, x0, cfg=cfg, step=10**6, teacher=teacher_v, weight_head=head)
         L.optimizer_step(out.loss, params, opt)
         sync()
 

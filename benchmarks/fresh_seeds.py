@@ -13,12 +13,13 @@ import argparse
 import statistics
 from pathlib import Path
 
-from stages import config
-from stages.common import cli, setup_torch
-from stages.data import load_split
-from stages.encode import load_codec
-from stages.fidelity import compute_quality
-from stages.sample import METHODS, build_samplers, generate, load_models, seeds_of
+from study import params as study_params
+from study.cli import cli
+from study.codec import load_codec
+from study.fidelity import compute_quality
+from study.images import load_split
+from study.runtime import setup_torch
+from study.sampling import METHODS, build_samplers, generate, load_models, seeds_of
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     run = args.run
-    p = config.load(run / "params.yaml")
+    p = study_params.load(run / "params.yaml")
     device = setup_torch(p.base)
     codec = load_codec(run / "data/latents", device=device)
     reference, _ = load_split(run / "data/prepared", "eval")

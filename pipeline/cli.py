@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import project as P
-from stages.common import StageError
+from study.errors import StageError
 
 EXAMPLES = __doc__.split("\n\n")[1]
 

@@ -45,7 +45,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline import project as P
 from pipeline import tracking as T
-from stages.common import StageError
+from study.errors import StageError
 
 _dvc_api_lock = threading.Lock()  # DVC's Python API is used from sweep threads: one call at a time
 

@@ -3,7 +3,7 @@
 Nothing here imports Prefect or MLflow. The flows (``pipeline/flows.py``) call these functions from their tasks:
 
 - :func:`configure` validates a profile, ``key=value`` overrides and scales with the stages' own loader
-  (``stages.config.load``) and the scale table (``scm.nn.SCALES``) *before anything runs*; :func:`write_params` then
+  (``study.params.load``) and the scale table (``scm.nn.SCALES``) *before anything runs*; :func:`write_params` then
   records them in ``params.yaml`` the way ``dvc exp run -S`` does, so that DVC sees every value a stage will read.
 - :func:`stage_order` asks DVC for the stage graph and orders it the way the study reads: shared stages, then every
   per-scale stage of the first scale of ``base.scales``, then the next scale, then the report.
@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 
 from pipeline import TELEMETRY_OFF
-from stages import config
-from stages.common import StageError
+from study import params as study_params
+from study.errors import StageError
 
 # The order in which the study reads: shared stages, then each scale's chain, then the cross-scale report.
 SHARED_STAGES = ("data", "encode", "classifier")
@@ -95,7 +95,7 @@ class Configuration:
     project: Path
     profile: str
     overrides: dict[str, Any]
-    params: config.Params
+    params: study_params.Params
     scales: tuple[str, ...]
 
 
@@ -113,13 +113,13 @@ def parse_overrides(overrides: Overrides) -> dict[str, Any]:
                 if not isinstance(node, dict):
                     raise StageError(f"override {key!r}: {p} is both a value and a section")
             if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-                node[parts[-1]] = config.deep_merge(node[parts[-1]], value)
+                node[parts[-1]] = study_params.deep_merge(node[parts[-1]], value)
             else:
                 node[parts[-1]] = copy.deepcopy(value)
         return nested
     if isinstance(overrides, str):
         overrides = [overrides]
-    return config.parse_overrides(list(overrides))
+    return study_params.parse_overrides(list(overrides))
 
 
 def _raw_params(project: Path) -> dict[str, Any]:
@@ -147,12 +147,12 @@ def configure(project: str | Path | None, profile: str | None = None, overrides:
     if scales is not None:
         if isinstance(scales, str) or not scales:
             raise StageError(f"scales: expected a non-empty list of scale names, got {scales!r}")
-        nested = config.deep_merge(nested, {"base": {"scales": list(scales)}})
+        nested = study_params.deep_merge(nested, {"base": {"scales": list(scales)}})
     if "profile" in nested:
         raise StageError("profile: choose it with the profile parameter (--profile), not as an override")
     raw = _raw_params(project)
     profile = profile if profile is not None else raw.get("profile", "default")
-    params = config.load(project / "params.yaml", profile, nested)
+    params = study_params.load(project / "params.yaml", profile, nested)
     unknown = [s for s in params.base.scales if s not in SCALES]
     if unknown:
         raise StageError(f"base.scales: unknown scale {unknown[0]!r} (accepted: {', '.join(SCALES)})")
@@ -234,7 +234,7 @@ def write_params(cfg: Configuration) -> bool:
     rt.dump(doc, buf)
     if buf.getvalue() == text:
         return False
-    written = config.resolve(yaml.safe_load(buf.getvalue()))
+    written = study_params.resolve(yaml.safe_load(buf.getvalue()))
     if written.to_dict() != cfg.params.to_dict():  # an invariant of the placement rules above
         raise AssertionError("params.yaml as written does not resolve to the requested configuration")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -34,7 +34,8 @@ from typing import Any
 import yaml
 
 from pipeline.project import flatten, slug
-from stages.common import StageError, git_commit
+from study.errors import StageError
+from study.files import git_commit
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 _search_lock = threading.Lock()  # mlflow.search_runs reads the process-wide tracking URI (and its env variable)

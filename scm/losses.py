@@ -6,14 +6,13 @@ The networks are called as ``net(x_hat, t, class_labels)`` (see :mod:`scm.nn`).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from scm.nn import attention_op
+from scm.nn import attention_op, float32_region
 from scm.trigflow import (VelocityFn, add_noise, append_dims, check_finite, check_sigma_data, t_from_normal,
                           velocity_target)
 
@@ -57,7 +56,7 @@ class Noise:
     @staticmethod
     def draw(shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str | None = None,
              dtype: torch.dtype = torch.float32) -> Noise:
-        """u ~ N(0, 1) then eps ~ N(0, I) of ``shape``, in this order (the order the losses have always drawn in)."""
+        """u ~ N(0, 1) then eps ~ N(0, I) of ``shape``, in this order (so a batch's noise depends on the seed only)."""
         u = torch.randn(shape[0], generator=generator, device=device)
         eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         return Noise(u, eps)
@@ -78,32 +77,25 @@ def _t_and_z(x0: Tensor, noise: Noise | None, P_mean: float, P_std: float, sigma
     return t, z
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Autocast to ``dtype`` (e.g. bf16) for the network's main forward; ``None`` leaves the caller's precision."""
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Teacher: the TrigFlow diffusion loss.
 
 
 def diffusion_loss(net: nn.Module, x0: Tensor, *, sigma_data: float, P_mean: float, P_std: float,
                    weight_head: nn.Module | None = None, class_labels: Tensor | None = None,
-                   generator: torch.Generator | None = None, noise: Noise | None = None,
-                   amp_dtype: torch.dtype | None = None) -> LossOutput:
+                   generator: torch.Generator | None = None, noise: Noise | None = None) -> LossOutput:
     """TrigFlow diffusion loss E‖σ_d F_θ(x_t/σ_d, t) − v_t‖², v_t = cos t·z − sin t·x0 (paper Eq. 4).
 
     Written in F-space, ‖F_θ − v_t/σ_d‖², with the log-normal proposal (P_mean, P_std) and optional adaptive weighting.
-    ``noise`` fixes the batch's randomness (else drawn from ``generator``); ``amp_dtype`` autocasts the network's forward
-    only: the targets, the weighting and the loss stay in float32.
+    ``noise`` fixes the batch's randomness (else drawn from ``generator``). Precision is the network's own
+    (``net.amp_dtype``, :mod:`scm.nn`): the targets, the weighting and the loss are float32.
     """
     check_sigma_data(sigma_data)
     check_finite(x0, "x0")
     t, z = _t_and_z(x0, noise, P_mean, P_std, sigma_data, generator)
     x_t = add_noise(x0, z, t)
     v_t = velocity_target(x0, z, t)
-    with _autocast(x0.device, amp_dtype):
-        F = net(x_t / sigma_data, t, class_labels)
+    F = net(x_t / sigma_data, t, class_labels)
     sq_err = _mean_dims((F.float() - v_t / sigma_data) ** 2)
     w = weight_head(t) if weight_head is not None else None
     per_sample = adaptive_weighted(sq_err, w)
@@ -119,7 +111,7 @@ def jvp_tangent(net: nn.Module, x_t: Tensor, t: Tensor, dxt_dt: Tensor, *, sigma
     """F⁻ and J = cos t·sin t·dF⁻/dt by one forward-mode JVP, under no grad (paper §5.1, "JVP rearrangement").
 
     Primals (x_t/σ_d, t), tangents (cos t sin t·(dx_t/dt)/σ_d, cos t sin t); this is the dimensionally consistent
-    form (SCM_NOTES §4), *not* the printed (…, cos t sin t·σ_d), which would apply σ_d twice.
+    form (docs/method.md, "The tangent"), *not* the printed (…, cos t sin t·σ_d), which would apply σ_d twice.
     """
     cs = torch.cos(t) * torch.sin(t)
     primals = (x_t / sigma_data, t)
@@ -212,8 +204,8 @@ class SCMConfig:
     c: float = TANGENT_C
     tangent_norm: str = "l2"  # l2 | rms | clip | none
     tangent: str = "jvp"  # jvp | fd
-    warmup_steps: int = 10_000  # H
-    prior_weight: bool = False  # an extra outer 1/(σ_d tan t) factor (Sana/FastGen); off by default (SCM_NOTES §7)
+    tangent_warmup_steps: int = 10_000  # H
+    prior_weight: bool = False  # an extra outer 1/(σ_d tan t) factor (docs/method.md, "Weighting")
     share_dropout: bool = True  # the JVP pass and the grad pass see the same dropout masks
 
     def validate(self) -> None:
@@ -226,8 +218,8 @@ class SCMConfig:
             raise ValueError(f"tangent_norm must be one of 'l2', 'rms', 'clip', 'none', got {self.tangent_norm!r}")
         if self.tangent not in ("jvp", "fd"):
             raise ValueError(f"tangent must be one of 'jvp', 'fd', got {self.tangent!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.tangent_warmup_steps < 0:
+            raise ValueError(f"tangent_warmup_steps must be >= 0, got {self.tangent_warmup_steps}")
 
 
 TANGENTS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"jvp": jvp_tangent, "fd": fd_tangent}
@@ -236,7 +228,7 @@ TANGENTS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"jvp": jvp_tangent,
 def scm_loss(net: nn.Module, x0: Tensor, *, cfg: SCMConfig, step: int, teacher: VelocityFn | None = None,
              weight_head: nn.Module | None = None, class_labels: Tensor | None = None,
              generator: torch.Generator | None = None, noise: Noise | None = None,
-             amp_dtype: torch.dtype | None = None, tangent_net: nn.Module | None = None) -> LossOutput:
+             tangent_net: nn.Module | None = None) -> LossOutput:
     """The sCM loss (paper Eq. 8, Alg. 1): sCD when ``teacher`` is given, sCT otherwise.
 
     L(θ, φ) = E[(e^{w_φ(t)}/D)·‖F_θ(x_t/σ_d, t) − F⁻ − g‖² − w_φ(t)], g normalised. F⁻ = stopgrad(F_θ) with the
@@ -244,9 +236,9 @@ def scm_loss(net: nn.Module, x0: Tensor, *, cfg: SCMConfig, step: int, teacher: 
     EMA weights) or the one-sample estimate cos t·z − sin t·x0 (sCT). Samples whose g or F⁻ is not finite are masked
     out of the loss and counted in ``stats["nonfinite"]``.
 
-    Precision: ``amp_dtype`` (e.g. bf16 on CUDA) autocasts only the grad-enabled forward; the teacher call, the JVP
-    tangent, the time embedding, g and the loss run in float32 (SCM_NOTES §9 item 9, §17). ``tangent_net`` is the module the JVP
-    differentiates when ``net`` is a wrapper that forward-mode AD cannot see through (DistributedDataParallel).
+    Precision: the network's ``amp_dtype`` (e.g. bf16 on CUDA) autocasts only its grad-enabled forward; the tangent
+    is computed in a :func:`scm.nn.float32_region`, and g, the weighting and the loss are float32 (docs/method.md,
+    "Precision"). ``tangent_net`` is the module the JVP differentiates when ``net`` is a wrapper that forward-mode AD cannot see through (DistributedDataParallel).
     ``noise`` fixes the batch's randomness (else drawn from ``generator``).
     """
     cfg.validate()
@@ -267,12 +259,12 @@ def scm_loss(net: nn.Module, x0: Tensor, *, cfg: SCMConfig, step: int, teacher: 
     # F⁻ and the tangent J = cos t sin t·dF⁻/dt, both with the online weights and no grad. With dropout, the JVP
     # pass and the grad pass below draw the same masks: the RNG state is saved here and restored before the latter.
     rng = _rng_state(x0.device) if cfg.share_dropout else None
-    with torch.autocast(device_type=x0.device.type, enabled=False):  # the tangent is float32 under any autocast
+    with float32_region(x0):
         F_minus, J = TANGENTS[cfg.tangent](tangent_net or net, x_t, t, dxt_dt, sigma_data=sigma_data,
                                            class_labels=class_labels)
 
     # g, warmed up and normalised (Alg. 1; §4.2).
-    r = tangent_warmup(step, cfg.warmup_steps)
+    r = tangent_warmup(step, cfg.tangent_warmup_steps)
     g = scm_g(F_minus.float(), J.float(), x_t.float(), t.float(), dxt_dt.float(), sigma_data=sigma_data, r=r)
     g_norm = g.reshape(g.shape[0], -1).norm(dim=1)
     g = normalize_tangent(g, cfg.c, cfg.tangent_norm)
@@ -284,9 +276,7 @@ def scm_loss(net: nn.Module, x0: Tensor, *, cfg: SCMConfig, step: int, teacher: 
     # The grad-enabled forward and the loss: F_θ − stopgrad(F_θ) is 0 in value, so the gradient is −g·∂F/∂θ.
     if rng is not None:
         _set_rng_state(x0.device, rng)
-    with _autocast(x0.device, amp_dtype):
-        F = net(x_t / sigma_data, t, class_labels)
-    F = F.float()
+    F = net(x_t / sigma_data, t, class_labels).float()
     sq_err = _mean_dims((F - F.detach() - g) ** 2)
     w = weight_head(t) if weight_head is not None else None
     per_sample = adaptive_weighted(sq_err, w)

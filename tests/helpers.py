@@ -105,3 +105,32 @@ def sh(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: f
     res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"{args} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res.stdout + res.stderr
+
+
+# Params: the default profile of the repository's params.yaml, the one source of every value.
+
+
+def section(name: str, **changes: Any) -> Any:
+    """The ``name`` section of the default profile, with ``changes`` applied (a frozen dataclass, as the stages get)."""
+    import dataclasses
+
+    from study.params import load
+
+    params = load(ROOT / "params.yaml", profile="default")
+    return dataclasses.replace(getattr(params, name), **changes)
+
+
+def default_raw() -> dict:
+    """The repository's params.yaml as parsed YAML (every section of the default profile, and the profiles)."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def params_text(partial: str) -> str:
+    """A complete params.yaml: the repository's, with the sections of the YAML text ``partial`` merged on top."""
+    import yaml
+
+    from study.params import deep_merge
+
+    return yaml.safe_dump(deep_merge(default_raw(), yaml.safe_load(partial) or {}), sort_keys=False, allow_unicode=True)

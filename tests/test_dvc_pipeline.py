@@ -30,7 +30,7 @@ def _run(args, cwd, **kw):
 
 def make_project(dest: Path, profile: str = "smoke") -> Path:
     """A copy of the project (code, dvc.yaml, params.yaml) as a fresh git + DVC repository on ``profile``."""
-    for name in ("scm", "stages", "pipeline"):
+    for name in ("scm", "study", "stages", "pipeline"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "pyproject.toml", ".dvcignore"):
         shutil.copy(ROOT / name, dest / name)

@@ -124,7 +124,7 @@ def test_mlflow_holds_a_parent_run_with_one_child_per_scale(reproduced):
 
 
 def test_each_student_is_registered_and_fetchable_as_models_uri(reproduced, tmp_path, monkeypatch):
-    from stages.fetch import fetch
+    from study.fetch import fetch
 
     c = mlflow_client(reproduced.tracking_uri)
     runs = children(reproduced.tracking_uri, reproduced.result["run_id"])

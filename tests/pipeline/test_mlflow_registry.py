@@ -10,8 +10,8 @@ from mlflow import MlflowClient
 
 
 def test_fetch_retrieves_a_registered_teacher_from_a_sqlite_store(tmp_path, monkeypatch):
-    from stages.common import StageError
-    from stages.fetch import fetch
+    from study.errors import StageError
+    from study.fetch import fetch
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -77,8 +77,8 @@ def test_the_flow_record_and_registry_work_against_the_server(mlflow_server, rep
     from mlflow import MlflowClient
 
     from pipeline import tracking as T
-    from stages.config import load
-    from stages.fetch import fetch
+    from study.params import load
+    from study.fetch import fetch
 
     project = reproduced.project
     assert T.artifact_location(mlflow_server, project) is None  # the server decides where artifacts go

@@ -14,8 +14,8 @@ from helpers import ROOT, make_project
 from pipeline import cli
 from pipeline import project as P
 from pipeline import tracking as T
-from stages.common import StageError
-from stages.config import load
+from study.errors import StageError
+from study.params import load
 
 
 @pytest.fixture

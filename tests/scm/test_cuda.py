@@ -24,7 +24,7 @@ def test_fast_jvp_matches_generic_forward_ad_on_cuda(monkeypatch):
     t = torch.linspace(0.1, 1.5, 4, device="cuda")
     dxt_dt = SD * torch.randn(4, 4, 8, 8, device="cuda", generator=g)
     F_fast, J_fast = L.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
-    monkeypatch.setattr(snn, "FAST_JVP", False)
+    monkeypatch.setattr(net, "fast_jvp", False)
     F_ref, J_ref = L.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
     torch.testing.assert_close(F_fast, F_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(J_fast, J_ref, rtol=1e-3, atol=1e-4)
@@ -33,13 +33,14 @@ def test_fast_jvp_matches_generic_forward_ad_on_cuda(monkeypatch):
 def test_bf16_autocast_on_cuda_touches_only_the_grad_forward():
     x0 = SD * torch.randn(16, 4, 8, 8, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
     noise = L.Noise.draw(tuple(x0.shape), generator=torch.Generator(device="cuda").manual_seed(7), device="cuda")
-    cfg = L.SCMConfig(sigma_data=SD, warmup_steps=0)
+    cfg = L.SCMConfig(sigma_data=SD, tangent_warmup_steps=0)
     teacher = _net().eval().requires_grad_(False)
     from scm.trigflow import velocity
 
     def run(amp):
         net = _net()
-        out = L.scm_loss(net, x0, cfg=cfg, step=0, noise=noise, amp_dtype=amp,
+        net.amp_dtype = amp
+        out = L.scm_loss(net, x0, cfg=cfg, step=0, noise=noise,
                          teacher=lambda x, t: velocity(teacher, x, t, SD))
         out.loss.backward()
         return out, torch.cat([p.grad.flatten() for p in net.parameters()])

@@ -102,7 +102,7 @@ def test_adaptive_weight_optimum_equalises_the_loss():
 
 
 def _loss(net, x0, tangent="jvp", teacher=None, step=10**6, **kw):
-    cfg = L.SCMConfig(sigma_data=SD, tangent=tangent, warmup_steps=100, **kw)
+    cfg = L.SCMConfig(sigma_data=SD, tangent=tangent, tangent_warmup_steps=100, **kw)
     return L.scm_loss(net, x0, cfg=cfg, step=step, teacher=teacher, generator=torch.Generator().manual_seed(5))
 
 
@@ -236,7 +236,7 @@ def test_given_noise_is_the_noise_the_loss_would_draw_and_slices_compose(objecti
     net = _net(dtype=torch.float32)
     x0 = SD * torch.randn(8, 2, 6, 6, generator=torch.Generator().manual_seed(3))
     teacher = lambda x_t, t: tf.velocity(net, x_t, t, SD)
-    cfg = L.SCMConfig(sigma_data=SD, warmup_steps=0)
+    cfg = L.SCMConfig(sigma_data=SD, tangent_warmup_steps=0)
     loss = (lambda x, **kw: L.diffusion_loss(net, x, sigma_data=SD, P_mean=-0.8, P_std=1.6, **kw)) if objective == "diffusion" \
         else (lambda x, **kw: L.scm_loss(net, x, cfg=cfg, step=0, teacher=teacher, **kw))
     drawn = loss(x0, generator=torch.Generator().manual_seed(7))
@@ -259,16 +259,17 @@ def test_time_embedding_and_loss_weight_stay_float32_under_autocast():
 
 
 def test_bf16_autocast_touches_only_the_grad_forward():
-    """With amp_dtype=bf16, the tangent (hence g, ‖g‖ and the loss value) is exactly the float32 one, even under an
+    """With net.amp_dtype = bf16, the tangent (hence g, ‖g‖ and the loss value) is exactly the float32 one, even under an
     outer autocast; only the gradient, through the bf16 forward, changes (a little)."""
     x0 = SD * torch.randn(8, 2, 6, 6, generator=torch.Generator().manual_seed(3))
     noise = L.Noise.draw(tuple(x0.shape), generator=torch.Generator().manual_seed(7))
-    cfg = L.SCMConfig(sigma_data=SD, warmup_steps=0)  # sCT: no teacher call to autocast
+    cfg = L.SCMConfig(sigma_data=SD, tangent_warmup_steps=0)  # sCT: no teacher call to autocast
 
     def run(amp, outer):
         net = _net(dtype=torch.float32)
+        net.amp_dtype = amp
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=outer):
-            out = L.scm_loss(net, x0, cfg=cfg, step=0, noise=noise, amp_dtype=amp)
+            out = L.scm_loss(net, x0, cfg=cfg, step=0, noise=noise)
         out.loss.backward()
         return out, torch.cat([p.grad.flatten() for p in net.parameters()])
 

@@ -54,9 +54,28 @@ def test_math_and_sdpa_attention_agree_and_context_restores():
 
 
 def test_time_embedding_stays_float32_under_autocast():
-    emb = snn.PositionalEmbedding(16)
+    cond = snn.Conditioning(16, 32, 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert emb(torch.rand(3)).dtype == torch.float32
+        assert cond.mlp(cond.pos(torch.rand(3))).dtype == torch.bfloat16  # unmarked, autocast would apply
+        assert cond(torch.rand(3), None).dtype == torch.float32  # the marked float32 region
+
+
+def test_amp_dtype_autocasts_only_the_backbone_of_a_plain_float32_forward():
+    """The one place that autocasts: a plain float32 forward's backbone. The time embedding, tangent calls and
+    float64 inputs (the finite-difference oracle) keep their precision."""
+    net = small_unet()
+    x, t = torch.randn(2, 4, 6, 6), torch.rand(2)
+    ref = net(x, t)
+    net.amp_dtype = torch.bfloat16
+    out = net(x, t)
+    assert ref.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, atol=0.05 * ref.abs().max().item())
+    assert net.cond(t, None).dtype == torch.float32
+    F, J = torch.func.jvp(net, (x, t), (torch.randn_like(x), torch.ones_like(t)))
+    assert F.dtype == J.dtype == torch.float32 and torch.equal(F, ref)
+    assert net.double()(x.double(), t.double()).dtype == torch.float64
+    net.amp_dtype = None
+    assert torch.equal(net.float()(x, t), ref)
 
 
 def test_pnorm_has_unit_rms_over_channels():
@@ -171,7 +190,7 @@ def test_fast_jvp_matches_generic_forward_ad_and_plain_forward(make, shape, labe
     torch.manual_seed(1)
     with torch.no_grad():
         F_plain = net(x_t / 0.5, t, labels)
-    monkeypatch.setattr(snn, "FAST_JVP", False)
+    monkeypatch.setattr(net, "fast_jvp", False)
     torch.manual_seed(1)
     F_ref, J_ref = jvp_tangent(net, x_t, t, dxt_dt, sigma_data=0.5, class_labels=labels)
     assert len(calls) == 1
@@ -202,7 +221,7 @@ def test_fast_jvp_falls_back_when_parameters_carry_tangents(monkeypatch):
     p_t = {k: torch.randn_like(v) for k, v in params.items()}
     fn = lambda p: torch.func.functional_call(net, p, (x, t))
     _, J = _jvp64(fn, (params,), (p_t,))
-    monkeypatch.setattr(snn, "FAST_JVP", False)
+    monkeypatch.setattr(net, "fast_jvp", False)
     _, J_ref = _jvp64(fn, (params,), (p_t,))
     assert torch.allclose(J, J_ref, atol=1e-12) and J_ref.abs().max() > 1e-3
 
@@ -219,10 +238,10 @@ def test_fast_jvp_outputs_are_differentiable(monkeypatch):
         return torch.autograd.grad(F.square().sum(), list(net.parameters()))
 
     fast = grads()
-    monkeypatch.setattr(snn, "FAST_JVP", False)
+    monkeypatch.setattr(net, "fast_jvp", False)
     for a, b in zip(fast, grads()):
         assert torch.allclose(a, b, atol=1e-12)
-    monkeypatch.setattr(snn, "FAST_JVP", True)
+    monkeypatch.setattr(net, "fast_jvp", True)
     params = dict(net.named_parameters())
     F_of = lambda w: lambda a, b: torch.func.functional_call(net, {**params, "blocks.0.linear.weight": w}, (a, b))
     J_of = lambda w: torch.func.jvp(F_of(w), (x, t), (x_t, t_t))[1]

@@ -68,7 +68,7 @@ def _run():
     head = snn.AdaptiveWeight()
     params = list(net.parameters()) + list(head.parameters())
     opt = torch.optim.RAdam(params, lr=1e-4, betas=(0.9, 0.99))  # the paper's CM learning rate (App. G.2)
-    cfg = L.SCMConfig(sigma_data=SD, P_mean=-1.0, P_std=1.4, warmup_steps=200)
+    cfg = L.SCMConfig(sigma_data=SD, P_mean=-1.0, P_std=1.4, tangent_warmup_steps=200)
     ema = E.EMA(net, half_life=50_000)
     for step in range(1500):
         out = L.scm_loss(net, gmm.sample(B, gen).float(), cfg=cfg, step=step, teacher=exact, weight_head=head, generator=gen)

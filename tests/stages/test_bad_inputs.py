@@ -37,7 +37,7 @@ METRICS, HISTORY = "metrics/m.json", "plots/h.csv"
 
 # Tiny sizes everywhere, so that an input that is wrongly accepted still finishes quickly (and then fails the test).
 TINY = ["base.threads=1", "base.device=cpu", "data.max_images=20", "encode.steps=2", "encode.batch_size=4",
-        "classifier.steps=2", "teacher.steps=2", "teacher.batch_size=4", "teacher.warmup_steps=0", "teacher.log_every=1",
+        "classifier.steps=2", "teacher.steps=2", "teacher.batch_size=4", "teacher.lr_warmup_steps=0", "teacher.log_every=1",
         "distill.steps=2", "distill.batch_size=4", "distill.log_every=1", "sample.num_samples=4", "sample.seed_sets=1",
         "sample.teacher_steps=1", "sample.batch_size=4", "sample.grid_size=4"]
 
@@ -74,7 +74,7 @@ def _closed_port() -> int:
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory) -> dict[str, str]:
     """Paths (as strings) of the inputs the cases refer to as ``{name}``."""
-    from stages.training import build_net, save_model
+    from study.models import build_net, save_model
 
     root = tmp_path_factory.mktemp("fixtures")
     p: dict[str, Path | str] = {}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from stages.checkpoint import LAST, PREV, Checkpointer, flatten, read_checkpoint, unflatten, write_checkpoint
+from study.checkpoint import LAST, PREV, Checkpointer, flatten, read_checkpoint, unflatten, write_checkpoint
 
 
 def _net_and_adam(steps: int) -> tuple[nn.Module, torch.optim.Optimizer]:

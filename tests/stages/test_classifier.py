@@ -12,11 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stages import classifier
-from stages.common import StageError, cli
-from stages.config import BaseParams, ClassifierParams, resolve
+from study import classifier as study_classifier
+from study.cli import cli
+from study.errors import StageError
+from study.params import resolve
+from helpers import default_raw, params_text, section
 
-BASE = BaseParams(seed=0)
-TINY = ClassifierParams(steps=100, batch_size=32, lr=5e-3, width=16, feature_dim=32, max_shift=1)
+BASE = section("base", seed=0)
+TINY = section("classifier", steps=100, batch_size=32, lr=5e-3, width=16, feature_dim=32, max_shift=1)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,7 +70,7 @@ def test_learns_synthetic_shapes_and_writes_outputs(trained: tuple[Path, dict]) 
     assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "metrics.json", "model.safetensors", "resolved_params.json"]
     info = json.loads((out / "classifier.json").read_text())
     assert info["input_shape"] == [1, 16, 16] and info["num_classes"] == 4
-    assert info["width"] == 16 and info["feature_dim"] == 32 and info["architecture"] == classifier.ARCHITECTURE
+    assert info["width"] == 16 and info["feature_dim"] == 32 and info["architecture"] == study_classifier.ARCHITECTURE
     assert info["accuracy"] == result["accuracy"] and info["n_train"] == 400 and info["n_eval"] == 200
     assert info["weights_sha256"] == classifier.sha256_file(out / "model.safetensors")
     assert json.loads((out / "metrics.json").read_text()) == {"accuracy": result["accuracy"]}
@@ -88,7 +91,7 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(trained: tupl
 
 def test_load_classifier_round_trip(trained: tuple[Path, dict]) -> None:
     out, result = trained
-    net = classifier.load_classifier(out)  # the directory or the file
+    net = study_classifier.load_classifier(out)  # the directory or the file
     images, labels = shapes(200, seed=1)
     assert classifier.accuracy(net, images, labels) == result["accuracy"]
     features, logits = net(images[:5])
@@ -111,10 +114,10 @@ def test_random_shift_translates_with_black_fill() -> None:
 
 
 def test_params_accept_the_new_fields_and_check_ranges() -> None:
-    params = resolve({"classifier": {"feature_dim": 64, "max_shift": 0}})
+    params = resolve(default_raw(), overrides={"classifier": {"feature_dim": 64, "max_shift": 0}})
     assert params.classifier.feature_dim == 64 and params.classifier.max_shift == 0
     with pytest.raises(StageError, match="classifier.max_shift"):
-        resolve({"classifier": {"max_shift": -1}})
+        resolve(default_raw(), overrides={"classifier": {"max_shift": -1}})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -148,25 +151,25 @@ def test_load_classifier_errors_name_the_path(trained: tuple[Path, dict], tmp_pa
     out, _ = trained
     missing = tmp_path / "nowhere" / "model.safetensors"
     with pytest.raises(StageError, match=f"{missing}: classifier weights not found"):
-        classifier.load_classifier(missing)
+        study_classifier.load_classifier(missing)
 
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"definitely not safetensors")
     with pytest.raises(StageError, match=f"{junk}: not a safetensors file"):
-        classifier.load_classifier(junk)
+        study_classifier.load_classifier(junk)
 
     state = load_file(str(out / "model.safetensors"))
     no_meta = tmp_path / "no_meta.safetensors"
     save_file(state, str(no_meta))
     with pytest.raises(StageError, match=f"{no_meta}: no scm-cnn-v1 architecture"):
-        classifier.load_classifier(no_meta)
+        study_classifier.load_classifier(no_meta)
 
-    net = classifier.load_classifier(out)
+    net = study_classifier.load_classifier(out)
     state["fc.weight"] = torch.zeros(7, state["fc.weight"].shape[1])
     wrong = tmp_path / "wrong.safetensors"
     save_file(state, str(wrong), metadata={"classifier": json.dumps(net.architecture)})
     with pytest.raises(StageError, match=r"wrong.safetensors: tensor 'fc.weight' has shape \(7, \d+\), .* expects \(32, \d+\)"):
-        classifier.load_classifier(wrong)
+        study_classifier.load_classifier(wrong)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -175,11 +178,10 @@ def test_load_classifier_errors_name_the_path(trained: tuple[Path, dict], tmp_pa
 
 def test_cli_on_prepared_mnist(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from stages import data
-    from stages.config import DataParams
 
-    data.run(DataParams(source="mnist5k", max_images=300), 0, tmp_path / "prepared")
+    data.run(section("data", source="mnist5k", max_images=300), 0, tmp_path / "prepared")
     params = tmp_path / "params.yaml"
-    params.write_text("base: {seed: 0}\nclassifier: {steps: 30, batch_size: 32, width: 8, feature_dim: 16}\n")
+    params.write_text(params_text("base: {seed: 0}\nclassifier: {steps: 30, batch_size: 32, width: 8, feature_dim: 16}\n"))
     argv = ["--params", str(params), "-S", "classifier.max_shift=1", "--data", str(tmp_path / "prepared"), "--out", str(tmp_path / "clf")]
     assert cli(classifier.main, argv) == 0
     assert "classifier: accuracy" in capsys.readouterr().out

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from stages.common import REPO_ROOT, StageError
-from stages.config import load, parse_overrides, resolve
+from study.errors import StageError
+from study.files import REPO_ROOT
+from study.params import load, parse_overrides, resolve
+from helpers import default_raw
 
 
 @pytest.mark.parametrize("profile", ["default", "smoke", "cifar10-gpu", "imagenet512-gpu"])
@@ -28,10 +30,35 @@ def test_every_profile_of_the_project_resolves(profile):
 ])
 def test_reliability_keys_are_checked(override, named):
     with pytest.raises(StageError, match=named.replace("(", r"\(")):
-        resolve({}, overrides=parse_overrides([override]))
+        resolve(default_raw(), overrides=parse_overrides([override]))
 
 
 def test_a_bare_yaml_off_means_the_string_off():
-    assert resolve({}, overrides=parse_overrides(["evaluate.inception=off"])).evaluate.inception == "off"
+    assert resolve(default_raw(), overrides=parse_overrides(["evaluate.inception=off"])).evaluate.inception == "off"
     with pytest.raises(StageError, match="distill.method: expected one of 'scd', 'sct', got False"):
-        resolve({}, overrides=parse_overrides(["distill.method=off"]))  # only where 'off' is a choice
+        resolve(default_raw(), overrides=parse_overrides(["distill.method=off"]))  # only where 'off' is a choice
+
+
+def test_every_value_comes_from_params_yaml():
+    """The loader holds types and ranges, never a second set of values: a key missing from params.yaml is an error."""
+    raw = default_raw()
+    del raw["distill"]["lr"]
+    with pytest.raises(StageError, match=r"^distill\.lr: missing"):
+        resolve(raw)
+    with pytest.raises(StageError, match=r"^base\.seed: missing"):
+        resolve({})
+
+
+@pytest.mark.parametrize("section, new", [("teacher", "teacher.lr_warmup_steps"), ("distill", "distill.tangent_warmup_steps")])
+def test_the_old_warmup_key_names_the_new_one(section, new):
+    with pytest.raises(StageError, match=rf"^{section}\.warmup_steps: renamed to {new}"):
+        resolve(default_raw(), overrides={section: {"warmup_steps": 10}})
+    raw = default_raw()
+    raw["profiles"]["smoke"][section]["warmup_steps"] = 3
+    with pytest.raises(StageError, match=rf"^profiles\.smoke\.{section}\.warmup_steps: renamed to {new}"):
+        resolve(raw)
+
+
+def test_both_training_stages_have_a_configurable_learning_rate_warmup():
+    p = resolve(default_raw(), overrides={"teacher": {"lr_warmup_steps": 7}, "distill": {"lr_warmup_steps": 9}})
+    assert (p.teacher.lr_warmup_steps, p.distill.lr_warmup_steps, p.distill.tangent_warmup_steps) == (7, 9, 1000)

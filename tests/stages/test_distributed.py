@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import distributed
-from stages.common import StageError
+from study import distributed
+from study.errors import StageError
+from helpers import params_text
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (2, 6, 6)
@@ -50,8 +51,8 @@ def latents(tmp_path_factory) -> Path:
 
 PARAMS = """
 base: {device: cpu, threads: 1, scales: [cpu-xs]}
-teacher: {steps: 4, batch_size: 8, lr: 0.002, warmup_steps: 0, log_every: 1, ema_half_life_kimg: 0.001}
-distill: {method: scd, steps: 4, batch_size: 8, lr: 0.001, warmup_steps: 2, log_every: 1, ema_half_life_kimg: 0.001}
+teacher: {steps: 4, batch_size: 8, lr: 0.002, lr_warmup_steps: 0, log_every: 1, ema_half_life_kimg: 0.001}
+distill: {method: scd, steps: 4, batch_size: 8, lr: 0.001, tangent_warmup_steps: 2, log_every: 1, ema_half_life_kimg: 0.001}
 """
 
 
@@ -59,7 +60,7 @@ def _stage(stage: str, workdir: Path, latents: Path, *, nproc: int = 0, batch_pe
            teacher: Path | None = None, params: str = PARAMS) -> dict:
     """Run a stage (under torchrun with ``nproc`` processes, else plain); its metrics, losses per step and weights."""
     workdir.mkdir(parents=True)
-    (workdir / "params.yaml").write_text(params)
+    (workdir / "params.yaml").write_text(params_text(params))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
         else [sys.executable]
     argv = launcher + ["-m", f"stages.{stage}", "--params", "params.yaml", "--scale", "cpu-xs", "--latents", str(latents),
@@ -96,7 +97,7 @@ def _assert_match(a: dict, b: dict, start: dict[str, torch.Tensor], rel: float =
 
 def _initial_teacher() -> dict[str, torch.Tensor]:
     """The teacher's initial weights: the stage seeds with base.seed = 0, then builds the net."""
-    from stages.training import build_net
+    from study.models import build_net
 
     torch.manual_seed(0)
     return build_net("cpu-xs", SHAPE).state_dict()

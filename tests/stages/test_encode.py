@@ -16,10 +16,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from stages import encode
-from stages.common import StageError, cli
-from stages.config import BaseParams, EncodeParams, resolve, to_plain
+from study.cli import cli
+from study.errors import StageError
+from study.params import resolve, to_plain
+from study.codec import load_codec
+from helpers import default_raw, params_text, section
 
-BASE = BaseParams()  # σ_d = 0.5
+BASE = section("base")  # σ_d = 0.5
 TINY_TRAIN = dict(codec="train", channels=(8, 16), latent_channels=2, steps=3, batch_size=8, encode_batch_size=16)
 
 
@@ -77,7 +80,7 @@ def test_identity_round_trip_is_exact(tmp_path: Path, channels: int) -> None:
     images = synthetic_images(40, channels, 8)
     prepared = write_prepared(tmp_path / "prepared", images, n_eval=10)
     out = tmp_path / "latents"
-    result = encode.run(EncodeParams(codec="identity"), BASE, prepared, out)
+    result = encode.run(section("encode", codec="identity"), BASE, prepared, out)
 
     tensors = load_file(out / "latents.safetensors")
     assert tensors["train"].shape == (30, channels, 8, 8) and tensors["train"].dtype == torch.float32
@@ -89,7 +92,7 @@ def test_identity_round_trip_is_exact(tmp_path: Path, channels: int) -> None:
     torch.testing.assert_close(mean, torch.zeros(channels, dtype=torch.float64), atol=1e-5, rtol=0)
     torch.testing.assert_close(std, torch.full((channels,), BASE.sigma_data, dtype=torch.float64), atol=1e-5, rtol=0)
 
-    codec = encode.load_codec(out)
+    codec = load_codec(out)
     assert codec.latent_shape == codec.image_shape == (channels, 8, 8)
     assert torch.equal(codec.decode(codec.encode(images)), images)
     assert torch.equal(codec.encode(images[30:]), tensors["eval"])
@@ -107,17 +110,17 @@ def test_identity_round_trip_is_exact(tmp_path: Path, channels: int) -> None:
 
 def test_pinned_statistics_are_used(prepared: Path, tmp_path: Path) -> None:
     out = tmp_path / "latents"
-    encode.run(EncodeParams(codec="identity", latent_mean=(0.1,), latent_std=(0.2,)), BASE, prepared, out)
+    encode.run(section("encode", codec="identity", latent_mean=(0.1,), latent_std=(0.2,)), BASE, prepared, out)
     x = encode.to_unit(encode.read_prepared(prepared)[1]["train"][0])
     # latent' = (latent − μ_c)·σ_d/σ_c
     torch.testing.assert_close(load_file(out / "latents.safetensors")["train"], (x - 0.1) * 0.5 / 0.2)
     assert json.loads((out / "codec.json").read_text())["mean"] == pytest.approx([0.1])
     with pytest.raises(StageError, match=r"encode\.latent_mean: expected 1 values"):
-        encode.run(EncodeParams(codec="identity", latent_mean=(0.0, 0.0)), BASE, prepared, tmp_path / "other")
+        encode.run(section("encode", codec="identity", latent_mean=(0.0, 0.0)), BASE, prepared, tmp_path / "other")
 
 
 def test_train_few_steps_is_deterministic_and_round_trips(prepared: Path, tmp_path: Path) -> None:
-    params = EncodeParams(**TINY_TRAIN)
+    params = section("encode", **TINY_TRAIN)
     encode.run(params, BASE, prepared, tmp_path / "a")
     result = encode.run(params, BASE, prepared, tmp_path / "b")
 
@@ -127,7 +130,7 @@ def test_train_few_steps_is_deterministic_and_round_trips(prepared: Path, tmp_pa
     assert (tmp_path / "b" / "codec" / "config.json").is_file()
     assert (tmp_path / "b" / "codec" / "diffusion_pytorch_model.safetensors").is_file()
 
-    codec = encode.load_codec(tmp_path / "b", batch_size=7)  # a different batching gives the same pixels
+    codec = load_codec(tmp_path / "b", batch_size=7)  # a different batching gives the same pixels
     images = encode.read_prepared(prepared)[1]["eval"][0]
     recon = codec.decode(codec.encode(images))
     assert recon.dtype == torch.uint8 and recon.shape == images.shape
@@ -141,11 +144,11 @@ def test_pretrained_local_directory_converts_channels_and_size(tmp_path: Path) -
     images = synthetic_images(20, 1, 7)  # grayscale 7×7 -> RGB 8×8 for the VAE -> 4×4×4 latents
     prepared = write_prepared(tmp_path / "prepared", images, n_eval=5)
     out = tmp_path / "latents"
-    result = encode.run(EncodeParams(codec="pretrained", pretrained=str(tmp_path / "vae")), BASE, prepared, out)
+    result = encode.run(section("encode", codec="pretrained", pretrained=str(tmp_path / "vae")), BASE, prepared, out)
 
     assert result["latent_shape"] == [4, 4, 4] and result["train_seconds"] == 0.0
     assert load_file(out / "latents.safetensors")["eval"].shape == (5, 4, 4, 4)
-    codec = encode.load_codec(out)
+    codec = load_codec(out)
     assert codec.kind == "autoencoder" and codec.image_shape == (1, 7, 7)
     recon = codec.decode(codec.encode(images[15:]))
     assert recon.shape == (5, 1, 7, 7) and recon.dtype == torch.uint8
@@ -164,7 +167,7 @@ def test_unreachable_hub_id_fails_in_one_line(prepared: Path, tmp_path: Path, mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time, so patch it too
     with pytest.raises(StageError) as error:
-        encode.run(EncodeParams(codec="pretrained", pretrained="nobody-xyz/no-such-vae"), BASE, prepared, tmp_path / "out")
+        encode.run(section("encode", codec="pretrained", pretrained="nobody-xyz/no-such-vae"), BASE, prepared, tmp_path / "out")
     assert "'nobody-xyz/no-such-vae'" in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
 
@@ -172,15 +175,15 @@ def test_unreachable_hub_id_fails_in_one_line(prepared: Path, tmp_path: Path, mo
 def test_bad_pretrained_directory_is_named(prepared: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir"
     with pytest.raises(StageError, match=f"{missing}: directory not found"):
-        encode.run(EncodeParams(codec="pretrained", pretrained=str(missing)), BASE, prepared, tmp_path / "out")
+        encode.run(section("encode", codec="pretrained", pretrained=str(missing)), BASE, prepared, tmp_path / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(StageError, match=f"{tmp_path / 'empty' / 'config.json'}: not found"):
-        encode.run(EncodeParams(codec="pretrained", pretrained=str(tmp_path / "empty")), BASE, prepared, tmp_path / "out")
+        encode.run(section("encode", codec="pretrained", pretrained=str(tmp_path / "empty")), BASE, prepared, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_inputs_are_named(prepared: Path, tmp_path: Path) -> None:
-    params = EncodeParams(codec="identity")
+    params = section("encode", codec="identity")
     with pytest.raises(StageError, match=f"{tmp_path / 'nowhere'}: prepared-data directory not found"):
         encode.run(params, BASE, tmp_path / "nowhere", tmp_path / "out")
     (prepared / "manifest.json").unlink()
@@ -198,7 +201,7 @@ def test_non_finite_latents_leave_existing_output_unchanged(prepared: Path, tmp_
     (out / "keep.txt").write_text("previous run")
 
     with pytest.raises(StageError, match="the train latents are not finite"):
-        encode.run(EncodeParams(codec="pretrained", pretrained=str(tmp_path / "nan-vae")), BASE, prepared, out)
+        encode.run(section("encode", codec="pretrained", pretrained=str(tmp_path / "nan-vae")), BASE, prepared, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "previous run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latents", "nan-vae", "prepared"]  # no temporary leftovers
 
@@ -208,18 +211,18 @@ def test_non_finite_latents_leave_existing_output_unchanged(prepared: Path, tmp_
 
 
 def test_params_round_trip_and_unknown_codec() -> None:
-    params = resolve({"encode": {"codec": "identity", "channels": [16, 32], "latent_std": [5.27, 5.91, 4.21, 4.31]}}).encode
+    params = resolve(default_raw(), overrides={"encode": {"codec": "identity", "channels": [16, 32], "latent_std": [5.27, 5.91, 4.21, 4.31]}}).encode
     assert params.channels == (16, 32) and params.latent_std == (5.27, 5.91, 4.21, 4.31)
-    assert resolve({"encode": to_plain(params)}).encode == params
+    assert resolve(default_raw(), overrides={"encode": to_plain(params)}).encode == params
     with pytest.raises(StageError, match=r"encode\.codec: expected one of 'identity', 'train', 'pretrained'"):
-        resolve({"encode": {"codec": "jpeg"}})
+        resolve(default_raw(), overrides={"encode": {"codec": "jpeg"}})
     with pytest.raises(StageError, match=r"encode\.latent_mean: expected 4 values"):
-        resolve({"encode": {"latent_mean": [0.0]}})
+        resolve(default_raw(), overrides={"encode": {"latent_mean": [0.0]}})
 
 
 def test_cli_summary_and_errors(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     params_file = tmp_path / "params.yaml"
-    params_file.write_text("base: {device: cpu}\nencode: {codec: train}\nprofiles: {smoke: {encode: {steps: 2}}}\n")
+    params_file.write_text(params_text("base: {device: cpu}\nencode: {codec: train}\nprofiles: {smoke: {encode: {steps: 2}}}\n"))
     argv = ["--params", str(params_file), "--data", str(prepared), "--out", str(tmp_path / "out"),
             "-S", "encode.codec=identity"]
     assert cli(encode.main, argv) == 0

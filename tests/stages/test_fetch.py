@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import StageError
-from stages.fetch import download, fetch, sha256_file
+from study.errors import StageError
+from study.fetch import download, fetch, sha256_file
 
 GOOD = hashlib.sha256(b"seed").digest() * 40_000  # 1.28 MB: more than one read chunk (1 MiB)
 GOOD_SHA = hashlib.sha256(GOOD).hexdigest()

@@ -17,11 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages import classifier, fidelity
-from stages.common import StageError
-from stages.config import BaseParams, ClassifierParams
+from stages import classifier
+from study import classifier as study_classifier
+from study import fidelity
+from study.errors import StageError
+from helpers import section
 
-TINY = ClassifierParams(steps=100, batch_size=32, lr=5e-3, width=16, feature_dim=32, max_shift=1)
+TINY = section("classifier", steps=100, batch_size=32, lr=5e-3, width=16, feature_dim=32, max_shift=1)
 
 
 # Same generator as tests/stages/test_classifier.py (test files do not import each other).
@@ -62,7 +64,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def clf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fid") / "classifier"
-    result = classifier.run(TINY, BaseParams(seed=0), shapes(400, seed=0), shapes(200, seed=1), out)
+    result = classifier.run(TINY, section("base", seed=0), shapes(400, seed=0), shapes(200, seed=1), out)
     assert result["accuracy"] >= 0.9
     return out
 
@@ -112,7 +114,7 @@ def test_rgb_images_expand_and_resize_inside_the_extractor(clf_dir: Path) -> Non
     item = fidelity.ImageTensorDataset(gray)[0]
     assert item.dtype == torch.uint8 and item.shape == (3, 16, 16)
     features, logits = extractor(gray.expand(-1, 3, -1, -1))
-    expected_features, expected_logits = classifier.load_classifier(clf_dir)(gray)
+    expected_features, expected_logits = study_classifier.load_classifier(clf_dir)(gray)
     assert features.dtype == torch.float64 and torch.allclose(features, expected_features.double())
     assert torch.allclose(logits, expected_logits.double())
     big = torch.nn.functional.interpolate(gray.float(), size=(32, 32), mode="nearest").to(torch.uint8)
@@ -145,7 +147,7 @@ def test_cache_name_follows_content_and_weights(clf_dir: Path, reference: torch.
     assert fidelity.reference_cache_name(changed, features="clf", weights_path=weights, reference_name="ref") != name
     assert fidelity.reference_cache_name(reference[:-1], features="clf", weights_path=weights, reference_name="ref") != name
     retrained = tmp_path / "retrained"
-    classifier.run(TINY, BaseParams(seed=1), shapes(400, seed=0), shapes(200, seed=1), retrained)
+    classifier.run(TINY, section("base", seed=1), shapes(400, seed=0), shapes(200, seed=1), retrained)
     assert fidelity.reference_cache_name(reference, features="clf", weights_path=retrained / classifier.WEIGHTS, reference_name="ref") != name
     with pytest.raises(StageError, match="reference_name 'a/b'"):
         fidelity.reference_cache_name(reference, features="clf", weights_path=weights, reference_name="a/b")

@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages.checkpoint import LAST, PREV
+from study.checkpoint import LAST, PREV
+from helpers import params_text
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (2, 6, 6)
@@ -37,8 +38,8 @@ def latents(tmp_path_factory) -> Path:
 
 PARAMS = f"""
 base: {{device: cpu, threads: 1, scales: [cpu-xs]}}
-teacher: {{steps: {STEPS}, batch_size: 8, warmup_steps: 3, log_every: 1, checkpoint_every: {EVERY}, ema_half_life_kimg: 0.05}}
-distill: {{method: scd, steps: {STEPS}, batch_size: 8, warmup_steps: 6, log_every: 1, checkpoint_every: {EVERY}, ema_half_life_kimg: 0.05}}
+teacher: {{steps: {STEPS}, batch_size: 8, lr_warmup_steps: 3, log_every: 1, checkpoint_every: {EVERY}, ema_half_life_kimg: 0.05}}
+distill: {{method: scd, steps: {STEPS}, batch_size: 8, tangent_warmup_steps: 6, log_every: 1, checkpoint_every: {EVERY}, ema_half_life_kimg: 0.05}}
 encode: {{codec: train, channels: [8, 16], latent_channels: 2, steps: {STEPS}, batch_size: 8, encode_batch_size: 16,
          checkpoint_every: {EVERY}}}
 """
@@ -77,7 +78,7 @@ def _files(project: Path) -> set[str]:
 def _checkpoint_steps(ckdir: Path) -> dict[str, int]:
     from safetensors import safe_open
 
-    from stages.checkpoint import read_checkpoint
+    from study.checkpoint import read_checkpoint
 
     steps = {}
     for name in (LAST, PREV):
@@ -94,7 +95,7 @@ def test_killed_training_resumes_to_identical_weights(stage: str, latents: Path,
     ref, work = tmp_path / "reference", tmp_path / "killed"
     for project in (ref, work):
         project.mkdir()
-        (project / "params.yaml").write_text(PARAMS)
+        (project / "params.yaml").write_text(params_text(PARAMS))
 
     # The uninterrupted run.
     assert _run(_stage_argv(stage, ref, latents, teacher), ref)[0] == 0
@@ -133,7 +134,7 @@ def test_killed_training_resumes_to_identical_weights(stage: str, latents: Path,
 def teacher_dir(latents: Path, tmp_path_factory) -> Path:
     """A teacher for the distill runs (a short uninterrupted teacher run)."""
     project = tmp_path_factory.mktemp("teacher")
-    (project / "params.yaml").write_text(PARAMS.replace(f"steps: {STEPS}", "steps: 4", 1))
+    (project / "params.yaml").write_text(params_text(PARAMS.replace(f"steps: {STEPS}", "steps: 4", 1)))
     assert _run(_stage_argv("teacher", project, latents, None), project)[0] == 0
     return project / "out"
 
@@ -147,7 +148,7 @@ def test_autoencoder_training_resumes_to_identical_weights(tmp_path: Path):
     ref, work = tmp_path / "reference", tmp_path / "killed"
     for project in (ref, work):
         project.mkdir()
-        (project / "params.yaml").write_text(PARAMS)
+        (project / "params.yaml").write_text(params_text(PARAMS))
     argv = lambda project: [sys.executable, "-m", "stages.encode", "--params", str(project / "params.yaml"),
                             "--data", str(prepared), "--out", str(project / "out")]
     assert _run(argv(ref), ref)[0] == 0

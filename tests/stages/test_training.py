@@ -19,8 +19,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scm.losses import LossOutput
-from stages.common import StageError
-from stages.training import Minibatches, build_net, load_latents, load_model, read_model_meta, save_model, train
+from study.errors import StageError
+from study.latents import load_latents
+from study.models import build_net, load_model, read_model_meta, save_model
+from study.training import Minibatches, TrainSpec, train
+from helpers import section
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (2, 8, 8)
@@ -254,7 +257,7 @@ def test_every_torch_load_in_our_code_passes_weights_only_true():
     probe = "a = torch.load(f)\nb = torch.load(\n    g(x), map_location='cpu',\n    weights_only=True,\n)\n"
     assert [_passes_weights_only(c) for c in _torch_load_calls(probe)] == [False, True]
 
-    files = sorted(p for d in ("scm", "stages") for p in (ROOT / d).rglob("*.py"))
+    files = sorted(p for d in ("scm", "study", "stages", "pipeline") for p in (ROOT / d).rglob("*.py"))
     assert len(files) > 10
     offenders = []
     for path in files:
@@ -349,11 +352,13 @@ def _linear_problem(bad_steps):
     return net, data, loss_fn, seen
 
 
-def _train(net, data, loss_fn, steps, **kw):
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    args = dict(steps=steps, batch_size=8, optimizer=opt, warmup_steps=0, lr=0.01, ema_half_life_kimg=0.01, seed=0,
-                log_every=1, desc="linear", progress=False)
-    return train(net, [], loss_fn, data, **{**args, **kw})
+def _train(net, data, loss_fn, steps, max_nonfinite, checkpoint=None):
+    settings = section("teacher", steps=steps, batch_size=8, lr=0.01, lr_warmup_steps=0, ema_half_life_kimg=0.01,
+                       log_every=1, adaptive_weight=False, batch_per_device=0, max_nonfinite_steps=max_nonfinite)
+    spec = TrainSpec(name="linear", section="teacher", settings=settings, seed=0,
+                     objective=lambda net_dp, head_dp: loss_fn,
+                     optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    return train(net, spec, data, checkpoint=checkpoint, progress=False)
 
 
 def test_train_skips_non_finite_steps_and_counts_them():
@@ -388,7 +393,7 @@ def test_train_stops_after_max_nonfinite_in_a_row_naming_the_step():
 
 
 def test_a_non_finite_stop_keeps_the_last_good_checkpoint(tmp_path):
-    from stages.checkpoint import LAST, Checkpointer
+    from study.checkpoint import LAST, Checkpointer
 
     net, data, loss_fn, seen = _linear_problem(lambda step: step >= 5)
     ck = Checkpointer(tmp_path / "teacher-x", every=2, run_fingerprint="run")

@@ -1,8 +1,7 @@
-"""Plumbing shared by every stage: user errors, atomic outputs, provenance, the CLI wrapper.
+"""Files the stages write: atomic outputs, JSON, hashes and provenance.
 
-Every stage module has the same shape: one typed ``run(...) -> dict`` that does the work and a thin ``main()``
-that parses arguments and calls it through :func:`cli`. Outputs are written into a temporary sibling directory and
-renamed into place only when complete, so a crash never leaves a half-written output that DVC could record.
+Outputs are written into a temporary sibling and renamed into place only when complete, so a crash never leaves a
+half-written output that DVC could record.
 """
 
 from __future__ import annotations
@@ -13,18 +12,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class StageError(Exception):
-    """A user-facing error: bad input, bad parameter, missing file. Printed as one line, exit code 2."""
 
 
 def project_root() -> Path:
@@ -108,52 +101,3 @@ def write_provenance(out_dir: Path, resolved: dict[str, Any]) -> None:
     """Write ``resolved_params.json`` (the resolved configuration and the git commit) into ``out_dir``."""
     write_json(Path(out_dir) / "resolved_params.json", {"git_commit": git_commit(), "params": resolved})
 
-
-def pick_device(requested: str = "auto") -> str:
-    """The one place a device is chosen: ``auto`` means CUDA when present, else CPU."""
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise StageError(f"base.device={requested!r} but CUDA is not available on this machine (use 'auto' or 'cpu')")
-    if requested != "cpu" and not requested.startswith("cuda"):
-        raise StageError(f"base.device={requested!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
-    return requested
-
-
-def setup_torch(base: Any) -> str:
-    """The one place a stage configures torch: ``base.threads`` (0 = torch's default) and the device."""
-    import torch
-
-    if base.threads:
-        torch.set_num_threads(base.threads)
-    return pick_device(base.device)
-
-
-def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Run a stage's ``main``: user errors become one line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except StageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # argparse errors (2), --help and --dry-run (0)
-        return e.code if isinstance(e.code, int) else 0
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # an unexpected failure: keep the traceback, it is a bug
-        traceback.print_exc()
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    print(f"{Path(sys.argv[0]).stem}: peak memory {peak_rss_mib():.0f} MiB", file=sys.stderr)
-    return 0
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, in MiB (Linux/macOS ``ru_maxrss``)."""
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10

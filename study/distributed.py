@@ -14,13 +14,16 @@ The process group uses NCCL on GPUs and gloo on CPU. The parameters keep their s
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from stages.common import StageError, pick_device
+from study.errors import StageError
+from study.runtime import pick_device, setup_torch
 
 
 @dataclass(frozen=True)
@@ -104,3 +107,16 @@ def sum_over_ranks(values: list[float], dist: Dist, device: str | torch.device) 
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch_dist.all_reduce(t)
     return t.tolist()
+
+
+def run_on_ranks(base: Any, fn: Callable[[Dist, str], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Configure torch, join the torchrun process group if launched by it, run ``fn(dist, device)``, leave the group.
+
+    ``fn`` returns its metrics on rank 0 and None on the other ranks.
+    """
+    setup_torch(base)
+    dist, device = setup(base.device)
+    try:
+        return fn(dist, device)
+    finally:
+        teardown(dist)

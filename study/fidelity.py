@@ -2,7 +2,7 @@
 
 Two feature spaces, never mixed under one name:
 
-- ``clf``: the small CNN of ``stages/classifier.py``, registered with torch-fidelity as the feature extractor
+- ``clf``: the small CNN of :mod:`study.classifier`, registered with torch-fidelity as the feature extractor
   ``scm-classifier``. Its penultimate layer feeds FID/KID/PRC and its logits the classifier score. Keys:
   ``fid_clf``, ``kid_clf_mean``, ``kid_clf_std``, ``precision_clf``, ``recall_clf``, ``f_score_clf``,
   ``isc_clf_mean``, ``isc_clf_std``. Comparable only between runs that use the same classifier weights.
@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from stages.common import StageError
+from study.classifier import WEIGHTS, load_classifier
+from study.errors import StageError
 
 CLF_EXTRACTOR = "scm-classifier"  # our name in torch-fidelity's feature-extractor registry
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -76,10 +77,8 @@ def _extractor_class() -> type:
     """Build the FeatureExtractorBase subclass (torch-fidelity is imported only when metrics are computed)."""
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-    from stages.classifier import load_classifier
-
     class ClassifierFeatureExtractor(FeatureExtractorBase):
-        """``stages.classifier.Classifier`` behind torch-fidelity's interface.
+        """``study.classifier.Classifier`` behind torch-fidelity's interface.
 
         torch-fidelity hands over uint8 ``(B, 3, H, W)`` batches (our datasets repeat grayscale to 3 channels). They are
         averaged back to one channel for a grayscale classifier (exact for repeated channels), resized bilinearly if
@@ -321,8 +320,6 @@ def compute_quality(
 
     # The extractor and the identity of its weights.
     if features == "clf":
-        from stages.classifier import WEIGHTS, load_classifier
-
         if classifier_dir is None:
             raise StageError("features='clf' needs classifier_dir (the classifier stage's output, e.g. artifacts/classifier)")
         weights = Path(classifier_dir)

@@ -34,7 +34,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stages.common import project_root, sha256_file
+from study.files import project_root, sha256_file
+from study.params import to_plain
 
 
 LAST, PREV = "last.safetensors", "prev.safetensors"
@@ -225,8 +226,6 @@ def checkpoint_root(base: Any) -> Path | None:
 def run_checkpointer(root: Path | None, name: str, every: int, *, params: Any, base: Any,
                      inputs: Sequence[Path]) -> Checkpointer:
     """The checkpointer of run ``name`` (``teacher-cpu-s``): in ``root/name``, keyed to its parameters and inputs."""
-    from stages.config import to_plain
-
     run = {k: v for k, v in to_plain(params).items() if k not in RESUMABLE_CHANGES}
     key = fingerprint(name=name, params=run, seed=base.seed, sigma_data=base.sigma_data, precision=base.precision,
                       inputs=[sha256_file(p) for p in inputs])

@@ -1,17 +1,16 @@
 """``params.yaml``: the single source of truth, loaded by one typed loader.
 
-Each top-level section of ``params.yaml`` maps onto a frozen dataclass below. The loader rejects unknown keys, wrong
-types and out-of-range values with a message that names the dotted key (``teacher.lr: expected float > 0, got -1``).
+Each top-level section of ``params.yaml`` maps onto a frozen dataclass below. The dataclasses hold the *types and
+ranges* of the keys, never their values: every value comes from ``params.yaml``, and a key missing there is an error.
+The loader rejects unknown keys, wrong types and out-of-range values with a message that names the dotted key
+(``teacher.lr: expected a value > 0, got -1.0``).
 
 Profiles. ``params.yaml`` holds the default profile in its sections, and ``profiles.<name>`` holds partial overrides
-(same shape as the sections) that are deep-merged on top when ``profile: <name>`` is selected. ``dvc exp run -S
-profile=smoke`` therefore switches the whole pipeline, and ``dvc exp run -S distill.steps=500`` changes one value of
-the default profile.
+(same shape as the sections) that are deep-merged on top when ``profile: <name>`` is selected.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import types
@@ -22,18 +21,22 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from stages.common import StageError
+from study.errors import StageError
 
 
-def _rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+def bounded(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A dataclass field whose value must lie in [lo, hi] (``lo_open``/``hi_open``: the bound itself is excluded)."""
+    return field(metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open})
 
 
-def _f(default: Any, **rng: Any) -> Any:
-    """A dataclass field with a default and an optional range (see :func:`_rng`)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=_rng(**rng) if rng else {})
-    return field(default=default, metadata=_rng(**rng) if rng else {})
+POSITIVE = dict(lo=0.0, lo_open=True)
+FRACTION = dict(lo=0.0, hi=1.0, hi_open=True)  # [0, 1)
+
+# Keys that were renamed: the old name is refused with the new one in the message.
+RENAMED = {
+    "teacher.warmup_steps": "teacher.lr_warmup_steps",
+    "distill.warmup_steps": "distill.tangent_warmup_steps (the tangent warm-up H; distill.lr_warmup_steps is the learning-rate warm-up)",
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -44,43 +47,43 @@ def _f(default: Any, **rng: Any) -> Any:
 class BaseParams:
     """Shared by every stage."""
 
-    seed: int = _f(0, lo=0)
-    sigma_data: float = _f(0.5, lo=0.0, lo_open=True)  # σ_d, paper §3 (0.5 in every experiment)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    scales: tuple[str, ...] = ("cpu-xs", "cpu-s")  # model scales run by the per-scale stages
-    threads: int = _f(0, lo=0)  # torch intra-op threads; 0 = torch's default
-    precision: Literal["fp32", "bf16"] = "fp32"  # training forward on CUDA: bf16 autocast; CPU always runs fp32
-    checkpoint_dir: str = "checkpoints"  # training checkpoints (resume), per stage and scale; "" = none
+    seed: int = bounded(lo=0)
+    sigma_data: float = bounded(**POSITIVE)  # σ_d (paper §3)
+    device: str  # auto | cpu | cuda | cuda:N
+    scales: tuple[str, ...]  # model scales run by the per-scale stages
+    threads: int = bounded(lo=0)  # torch intra-op threads; 0 = torch's default
+    precision: Literal["fp32", "bf16"]  # training forward on CUDA: bf16 autocast; CPU always runs fp32
+    checkpoint_dir: str  # training checkpoints (resume), per stage and scale; "" = none
 
 
 @dataclass(frozen=True)
 class DataParams:
     """stages/data.py: raw images -> Parquet (image bytes, label, split) + manifest."""
 
-    source: Literal["mnist5k", "mnist", "cifar10", "imagefolder"] = "mnist5k"
-    root: str = ""  # download/cache dir for torchvision sources, or the class-folder tree for imagefolder
-    image_size: int = _f(0, lo=0)  # 0 = keep the source's size; else resize (square) to this
-    channels: int = _f(0, lo=0, hi=3)  # 0 = keep; 1 = grayscale; 3 = RGB
-    eval_fraction: float = _f(0.2, lo=0.0, hi=1.0, lo_open=True, hi_open=True)  # held-out split for evaluation
-    max_images: int = _f(0, lo=0)  # 0 = all
+    source: Literal["mnist5k", "mnist", "cifar10", "imagefolder"]
+    root: str  # download/cache dir for torchvision sources, or the class-folder tree for imagefolder
+    image_size: int = bounded(lo=0)  # 0 = keep the source's size; else resize (square) to this
+    channels: int = bounded(lo=0, hi=3)  # 0 = keep; 1 = grayscale; 3 = RGB
+    eval_fraction: float = bounded(lo=0.0, hi=1.0, lo_open=True, hi_open=True)  # held-out split for evaluation
+    max_images: int = bounded(lo=0)  # 0 = all
 
 
 @dataclass(frozen=True)
 class EncodeParams:
     """stages/encode.py: prepared images -> per-channel standardised latents + the codec that decodes them."""
 
-    codec: Literal["identity", "train", "pretrained"] = "train"  # identity = pixel space (paper CIFAR-10/IN64)
-    pretrained: str = "stabilityai/sd-vae-ft-mse"  # codec=pretrained: hub id or local diffusers dir (paper IN512)
-    channels: tuple[int, ...] = _f((16, 32, 32), lo=1)  # codec=train: block widths; factor 2^(len-1): 28² -> 7²
-    latent_channels: int = _f(4, lo=1)  # codec=train
-    steps: int = _f(1200, lo=1)  # codec=train: Adam steps; 1200 × 32 MNIST digits ≈ 2 min on 2 CPU cores
-    batch_size: int = _f(32, lo=1)  # codec=train
-    lr: float = _f(2e-3, lo=0.0, lo_open=True)  # codec=train
-    kl_weight: float = _f(1e-4, lo=0.0)  # codec=train: weight of KL per latent element vs MSE per pixel
-    latent_mean: tuple[float, ...] = ()  # μ_c pinned per latent channel; () = compute on the train split
-    latent_std: tuple[float, ...] = _f((), lo=0.0, lo_open=True)  # σ_c pinned likewise (SCM_NOTES §13)
-    encode_batch_size: int = _f(256, lo=1)  # images per codec call when encoding/decoding
-    checkpoint_every: int = _f(300, lo=0)  # codec=train: steps between resumable checkpoints; 0 = none
+    codec: Literal["identity", "train", "pretrained"]  # identity = pixel space (paper CIFAR-10/IN64)
+    pretrained: str  # codec=pretrained: hub id or local diffusers dir (paper IN512)
+    channels: tuple[int, ...] = bounded(lo=1)  # codec=train: block widths; factor 2^(len-1): 28² -> 7²
+    latent_channels: int = bounded(lo=1)  # codec=train
+    steps: int = bounded(lo=1)  # codec=train: Adam steps
+    batch_size: int = bounded(lo=1)  # codec=train
+    lr: float = bounded(**POSITIVE)  # codec=train
+    kl_weight: float = bounded(lo=0.0)  # codec=train: weight of KL per latent element vs MSE per pixel
+    latent_mean: tuple[float, ...]  # μ_c pinned per latent channel; () = compute on the train split
+    latent_std: tuple[float, ...] = bounded(**POSITIVE)  # σ_c pinned likewise (docs/method.md, "Latents")
+    encode_batch_size: int = bounded(lo=1)  # images per codec call when encoding/decoding
+    checkpoint_every: int = bounded(lo=0)  # codec=train: steps between resumable checkpoints; 0 = none
 
     def validate(self, prefix: str) -> None:
         if not self.channels:
@@ -97,124 +100,115 @@ class EncodeParams:
 class TeacherParams:
     """stages/teacher.py (per scale): a TrigFlow diffusion teacher, trained here or fetched."""
 
-    source: str = "train"  # train | a local directory/file | https://... (needs sha256) | models:/name/version (MLflow)
-    sha256: str = ""  # required for an https source
-    steps: int = _f(4000, lo=1)
-    batch_size: int = _f(128, lo=1)
-    lr: float = _f(1e-3, lo=0.0, lo_open=True)  # Adam (EDM's CIFAR-10 teacher: 1e-3)
-    warmup_steps: int = _f(200, lo=0)  # linear learning-rate warm-up
-    P_mean: float = -0.8  # log-normal proposal of the teacher (paper Table 4, IN64: (-0.8, 1.6))
-    P_std: float = _f(1.6, lo=0.0, lo_open=True)
-    dropout: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)
-    adaptive_weight: bool = True  # EDM2 uncertainty weighting w_φ(t)
-    ema_half_life_kimg: float = _f(50.0, lo=0.0, lo_open=True)  # EMA half-life in thousands of images
-    log_every: int = _f(50, lo=1)
-    checkpoint_every: int = _f(500, lo=0)  # steps between resumable checkpoints in base.checkpoint_dir; 0 = none
-    batch_per_device: int = _f(0, lo=0)  # micro-batch per process (gradient accumulation); 0 = the whole share
-    max_nonfinite_steps: int = _f(20, lo=1)  # stop after this many skipped (non-finite) steps in a row
+    source: str  # train | a local directory/file | https://... (needs sha256) | models:/name/version (MLflow)
+    sha256: str  # required for an https source
+    steps: int = bounded(lo=1)
+    batch_size: int = bounded(lo=1)
+    lr: float = bounded(**POSITIVE)  # Adam
+    lr_warmup_steps: int = bounded(lo=0)  # linear learning-rate warm-up, then constant
+    P_mean: float  # log-normal time proposal (paper Eq. 4)
+    P_std: float = bounded(**POSITIVE)
+    dropout: float = bounded(**FRACTION)
+    adaptive_weight: bool  # EDM2 uncertainty weighting w_φ(t)
+    ema_half_life_kimg: float = bounded(**POSITIVE)  # EMA half-life in thousands of images
+    log_every: int = bounded(lo=1)
+    checkpoint_every: int = bounded(lo=0)  # steps between resumable checkpoints in base.checkpoint_dir; 0 = none
+    batch_per_device: int = bounded(lo=0)  # micro-batch per process (gradient accumulation); 0 = the whole share
+    max_nonfinite_steps: int = bounded(lo=1)  # stop after this many skipped (non-finite) steps in a row
 
 
 @dataclass(frozen=True)
 class DistillParams:
-    """stages/distill.py (per scale): sCD from the teacher or sCT, initialised from the teacher's EMA.
+    """stages/distill.py (per scale): sCD from the teacher or sCT, initialised from the teacher's EMA."""
 
-    The defaults here are the paper's CIFAR-10 sCD values; params.yaml sets the project's (sCT).
-    """
-
-    method: Literal["scd", "sct"] = "scd"
-    steps: int = _f(1500, lo=1)
-    batch_size: int = _f(128, lo=1)
-    lr: float = _f(1e-4, lo=0.0, lo_open=True)  # RAdam, β = (0.9, 0.99), no schedule (paper App. G.2)
-    P_mean: float = -1.0  # paper App. G.2 (CIFAR-10)
-    P_std: float = _f(1.4, lo=0.0, lo_open=True)
-    tangent_c: float = _f(0.1, lo=0.0)  # c in g/(‖g‖ + c)
-    tangent_norm: Literal["l2", "rms", "clip", "none"] = "l2"
-    tangent: Literal["jvp", "fd"] = "jvp"
-    warmup_steps: int = _f(150, lo=0)  # H, tangent warm-up r = min(1, step/H) (paper: 10k of 100k+)
-    dropout: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)  # paper: 0 for sCD, 0.2+ for sCT
-    prior_weight: bool = False  # extra outer 1/(σ_d tan t) (Sana/FastGen); SCM_NOTES §7
-    adaptive_weight: bool = True
-    ema_half_life_kimg: float = _f(20.0, lo=0.0, lo_open=True)
-    log_every: int = _f(25, lo=1)
-    checkpoint_every: int = _f(250, lo=0)  # steps between resumable checkpoints in base.checkpoint_dir; 0 = none
-    batch_per_device: int = _f(0, lo=0)  # micro-batch per process (gradient accumulation); 0 = the whole share
-    max_nonfinite_steps: int = _f(20, lo=1)  # stop after this many skipped (non-finite) steps in a row
+    method: Literal["scd", "sct"]
+    steps: int = bounded(lo=1)
+    batch_size: int = bounded(lo=1)
+    lr: float = bounded(**POSITIVE)  # RAdam, β = (0.9, 0.99) (paper App. G.2)
+    lr_warmup_steps: int = bounded(lo=0)  # linear learning-rate warm-up, then constant (the paper: none)
+    P_mean: float  # log-normal time proposal
+    P_std: float = bounded(**POSITIVE)
+    tangent_c: float = bounded(lo=0.0)  # c in g/(‖g‖ + c) (paper §4.2)
+    tangent_norm: Literal["l2", "rms", "clip", "none"]
+    tangent: Literal["jvp", "fd"]
+    tangent_warmup_steps: int = bounded(lo=0)  # H of the tangent warm-up r = min(1, step/H) (paper §4.2)
+    dropout: float = bounded(**FRACTION)
+    prior_weight: bool  # extra outer 1/(σ_d tan t) (docs/method.md, "Weighting")
+    adaptive_weight: bool
+    ema_half_life_kimg: float = bounded(**POSITIVE)
+    log_every: int = bounded(lo=1)
+    checkpoint_every: int = bounded(lo=0)  # steps between resumable checkpoints in base.checkpoint_dir; 0 = none
+    batch_per_device: int = bounded(lo=0)  # micro-batch per process (gradient accumulation); 0 = the whole share
+    max_nonfinite_steps: int = bounded(lo=1)  # stop after this many skipped (non-finite) steps in a row
 
 
 @dataclass(frozen=True)
 class SampleParams:
     """stages/sample.py (per scale): teacher ODE samples and sCM 1-/2-step samples, decoded to images."""
 
-    num_samples: int = _f(1000, lo=1)  # per seed set; the evaluate stage compares them with the eval split
-    seed_sets: int = _f(3, lo=1)  # independent sample sets (spread of the metrics); image i of set s has seed s·10⁶ + i
-    teacher_sampler: Literal["dpm2", "euler"] = "dpm2"
-    teacher_steps: int = _f(18, lo=1)  # dpm2: NFE = 2n − 1 = 35 (the paper's CIFAR-10 teacher)
-    t_mid: float = _f(1.1, lo=0.0, hi=1.5, lo_open=True)  # 2-step intermediate time (paper §5.2)
-    batch_size: int = _f(500, lo=1)
-    grid_size: int = _f(64, lo=1)  # images in each sample grid
-
-
-@dataclass(frozen=True)
-class ReportParams:
-    """stages/report.py: cross-scale summary, plots and the Markdown report under reports/."""
-
-    title: str = "sCM on this machine"
+    num_samples: int = bounded(lo=1)  # per seed set; the evaluate stage compares them with the eval split
+    seed_sets: int = bounded(lo=1)  # independent sample sets (spread of the metrics); image i of set s has seed s·10⁶ + i
+    teacher_sampler: Literal["dpm2", "euler"]
+    teacher_steps: int = bounded(lo=1)  # dpm2: NFE = 2n − 1
+    t_mid: float = bounded(lo=0.0, hi=1.5, lo_open=True)  # 2-step intermediate time (paper §5.2)
+    batch_size: int = bounded(lo=1)
+    grid_size: int = bounded(lo=1)  # images in each sample grid
 
 
 @dataclass(frozen=True)
 class ClassifierParams:
     """stages/classifier.py: the domain feature extractor behind ``fid_clf`` (trained on the training split)."""
 
-    steps: int = _f(600, lo=1)  # Adam steps (linear warm-up, cosine decay)
-    batch_size: int = _f(128, lo=1)
-    lr: float = _f(3e-3, lo=0.0, lo_open=True)  # peak learning rate
-    width: int = _f(32, lo=1)  # channels of the first convolution (the second has 2·width)
-    feature_dim: int = _f(128, lo=1)  # penultimate layer: the features behind fid_clf / kid_clf / precision_clf
-    max_shift: int = _f(2, lo=0)  # augmentation: random translation by up to this many pixels (0 = off)
+    steps: int = bounded(lo=1)  # Adam steps (linear warm-up, cosine decay)
+    batch_size: int = bounded(lo=1)
+    lr: float = bounded(**POSITIVE)  # peak learning rate
+    width: int = bounded(lo=1)  # channels of the first convolution (the second has 2·width)
+    feature_dim: int = bounded(lo=1)  # penultimate layer: the features behind fid_clf / kid_clf / precision_clf
+    max_shift: int = bounded(lo=0)  # augmentation: random translation by up to this many pixels (0 = off)
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     """stages/evaluate.py: FID/KID/precision-recall (torch-fidelity) and sampling speed."""
 
-    kid_subset_size: int = _f(100, lo=2)  # images per KID subset; both sets need at least this many
-    kid_subsets: int = _f(100, lo=1)  # KID subsets drawn (torch-fidelity's default)
-    prc: bool = True  # precision/recall (k = 3 nearest neighbours) in the same feature space as FID
-    inception_weights: str = ""  # local weights-inception-2015-12-05-6726825d.pth; "" = torch hub cache, else download if online
-    inception: Literal["auto", "off"] = "auto"
+    kid_subset_size: int = bounded(lo=2)  # images per KID subset; both sets need at least this many
+    kid_subsets: int = bounded(lo=1)  # KID subsets drawn
+    prc: bool  # precision/recall (k = 3 nearest neighbours) in the same feature space as FID
+    inception_weights: str  # local weights-inception-2015-12-05-6726825d.pth; "" = torch hub cache, else download
+    inception: Literal["auto", "off"]
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    """stages/report.py: cross-scale summary, plots and the Markdown report under reports/."""
+
+    title: str
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The loader.
-
-SECTIONS: dict[str, type] = {
-    "base": BaseParams,
-    "data": DataParams,
-    "encode": EncodeParams,
-    "teacher": TeacherParams,
-    "distill": DistillParams,
-    "sample": SampleParams,
-    "classifier": ClassifierParams,
-    "evaluate": EvaluateParams,
-    "report": ReportParams,
-}
-
 
 @dataclass(frozen=True)
 class Params:
     """All sections, resolved for one profile."""
 
     profile: str
-    sections: dict[str, Any]
-
-    def __getattr__(self, name: str) -> Any:  # params.teacher, params.base, ...
-        try:
-            return self.sections[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    base: BaseParams
+    data: DataParams
+    encode: EncodeParams
+    classifier: ClassifierParams
+    teacher: TeacherParams
+    distill: DistillParams
+    sample: SampleParams
+    evaluate: EvaluateParams
+    report: ReportParams
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, **{k: to_plain(v) for k, v in self.sections.items()}}
+        return {"profile": self.profile, **{k: to_plain(getattr(self, k)) for k in SECTIONS}}
+
+
+# Section name -> its dataclass, in params.yaml's order.
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Params)[f.name] for f in dataclasses.fields(Params)[1:]}
 
 
 def to_plain(obj: Any) -> Any:
@@ -319,9 +313,16 @@ def _build(prefix: str, cls: type, raw: Any) -> Any:
         raise StageError(f"{prefix}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    section = prefix.rsplit(".", 1)[-1]
+    for name in sorted(set(raw) - set(fields)):
+        if f"{section}.{name}" in RENAMED:
+            raise StageError(f"{prefix}.{name}: renamed to {RENAMED[f'{section}.{name}']}")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise StageError(f"{prefix}.{unknown[0]}: unknown key (accepted: {', '.join(sorted(fields))})")
+    missing = [name for name in fields if name not in raw]
+    if missing:
+        raise StageError(f"{prefix}.{missing[0]}: missing (params.yaml must give every key of the section)")
     kwargs = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}"
@@ -385,7 +386,7 @@ def resolve(raw: dict, profile: str | None = None, overrides: dict | None = None
                 if k not in SECTIONS:
                     raise StageError(f"profiles.{name}.{k}: unknown section (accepted: {', '.join(SECTIONS)})")
                 _build(f"profiles.{name}.{k}", SECTIONS[k], deep_merge(to_plain(_build(k, SECTIONS[k], raw.get(k) or {})), v or {}))
-    return Params(profile=profile, sections=sections)
+    return Params(profile=profile, **sections)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -420,21 +421,3 @@ def load(path: str | Path = "params.yaml", profile: str | None = None, overrides
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     return resolve(raw, profile, overrides)
-
-
-def add_params_args(parser: argparse.ArgumentParser) -> None:
-    """The arguments every stage CLI shares: --params, --profile, -S key=value."""
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
-    parser.add_argument("--profile", default=None, help="profile under profiles: (default: the file's profile key)")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one parameter, e.g. -S distill.steps=500 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved parameters and exit")
-
-
-def load_args(args: argparse.Namespace) -> Params:
-    """Load params from parsed :func:`add_params_args` arguments; with --dry-run print them and exit."""
-    params = load(args.params, args.profile, args.overrides)
-    if getattr(args, "dry_run", False):
-        print(yaml.safe_dump(params.to_dict(), sort_keys=False), end="")
-        raise SystemExit(0)
-    return params

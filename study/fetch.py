@@ -16,7 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from stages.common import StageError, atomic_replace_file, sha256_file
+from study.errors import StageError
+from study.files import atomic_replace_file, sha256_file
 
 CHUNK = 1 << 20
 

@@ -1,0 +1,97 @@
+"""Networks on disk: one self-describing safetensors file per model.
+
+A model file holds the weights plus, in the safetensors metadata, the JSON network description (scale, U-Net config,
+latent shape, σ_d). It is never a pickle, so loading runs no code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from scm import nn as scm_nn
+from study.errors import StageError
+from study.files import atomic_replace_file
+
+MODEL_FILE = "model.safetensors"
+
+
+def build_net(scale: str, latent_shape: tuple[int, ...], dropout: float = 0.0) -> scm_nn.UNet:
+    try:
+        return scm_nn.UNet(scm_nn.unet_config(scale, in_channels=latent_shape[0], dropout=dropout))
+    except ValueError as e:
+        raise StageError(f"base.scales: {e}") from None
+
+
+def save_model(path: Path, net: nn.Module, meta: dict[str, Any]) -> None:
+    """Weights + JSON description in one safetensors file, written atomically."""
+    info = {**meta, "unet": dataclasses.asdict(net.cfg), "n_params": scm_nn.count_params(net)}
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    atomic_replace_file(Path(path), lambda tmp: save_file(state, str(tmp), metadata={"scm": json.dumps(info)}))
+
+
+def read_model_meta(path: Path, *, name: str | None = None) -> dict[str, Any]:
+    """The JSON description a model file carries; errors begin with ``name`` (default: the path)."""
+    who = name or path
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            head = b""
+        pickle = head.startswith((b"PK\x03\x04", b"\x80"))  # torch.save's zip container, or a bare pickle
+        hint = "; it looks like a pickle checkpoint (torch.save), refused: unpickling can run code" if pickle else ""
+        raise StageError(f"{who}: not a readable safetensors model file ({str(e).splitlines()[0]}){hint}") from None
+    if "scm" not in meta:
+        raise StageError(f"{who}: no 'scm' metadata: not a model file written by this project")
+    try:
+        info = json.loads(meta["scm"])
+    except json.JSONDecodeError as e:
+        raise StageError(f"{who}: the 'scm' metadata is not valid JSON ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("unet"), dict):
+        raise StageError(f"{who}: the 'scm' metadata does not describe a network (no 'unet' mapping)")
+    return info
+
+
+def load_model(path: Path, *, expect_shape: tuple[int, ...] | None = None, expect_scale: str | None = None,
+               device: str | torch.device = "cpu", name: str | None = None) -> tuple[scm_nn.UNet, dict[str, Any]]:
+    """Load a model file (or a directory holding ``model.safetensors``); check it fits the data and the scale.
+
+    Errors begin with ``name`` (default: the path), e.g. the user's ``teacher.source`` when ``path`` is a fetched copy.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    who = name or path
+    if not path.is_file():
+        raise StageError(f"{who}: model file not found")
+    meta = read_model_meta(path, name=name)
+    if expect_scale is not None and meta.get("scale") != expect_scale:
+        raise StageError(f"{who}: a model of scale {meta.get('scale')!r}, but scale {expect_scale!r} was asked for")
+    if expect_shape is not None and tuple(meta.get("latent_shape", ())) != tuple(expect_shape):
+        raise StageError(f"{who}: trained on latents of shape {tuple(meta.get('latent_shape', ()))}, "
+                         f"but the data has shape {tuple(expect_shape)}")
+    try:
+        cfg = scm_nn.UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["unet"].items()})
+        net = scm_nn.UNet(cfg)
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:
+        raise StageError(f"{who}: the 'scm' metadata describes no valid network "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    try:
+        net.load_state_dict(load_file(str(path)))
+    except (RuntimeError, SafetensorError) as e:
+        raise StageError(f"{who}: weights do not match the network they describe ({' '.join(str(e).split())[:300]})") from None
+    return net.to(device).eval().requires_grad_(False), meta
+

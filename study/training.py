@@ -1,0 +1,244 @@
+"""The one training loop of the teacher and distill stages, driven by a small :class:`TrainSpec`.
+
+What differs between the two stages (the objective, the network's initialisation, the optimiser) is in the spec and
+the stage; everything else (the adaptive-weight head, data parallelism, micro-batches, the EMA, the learning-rate
+warm-up, skipping non-finite steps, logging and checkpoints) is here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from scm.ema import EMA
+from scm.losses import LossOutput, Noise, step_if_finite
+from scm.nn import AdaptiveWeight
+from study import distributed
+from study.checkpoint import Checkpointer, failpoint
+from study.errors import StageError
+from study.files import atomic_replace_file
+
+
+class Minibatches:
+    """Endless minibatch indices: a fresh seeded permutation every epoch (drop_last, wrapping across epochs).
+
+    Its state (generator and the rest of the current permutation) goes into checkpoints, so a resumed run draws the
+    same batches as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.buffer = torch.empty(0, dtype=torch.long)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self
+
+    def __next__(self) -> Tensor:
+        while len(self.buffer) < self.batch_size:
+            self.buffer = torch.cat([self.buffer, torch.randperm(self.n, generator=self.generator)])
+        batch, self.buffer = self.buffer[: self.batch_size], self.buffer[self.batch_size :]
+        return batch
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"generator": self.generator.get_state(), "buffer": self.buffer.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self.buffer = state["buffer"].clone()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclass
+class TrainResult:
+    ema: EMA
+    history: list[dict[str, float]]
+    seconds: float  # training time over all attempts (resumed runs included)
+    skipped_steps: int
+    resumed_from: int  # the step this process started at (0: not resumed)
+
+
+LossFn = Callable[[int, Tensor, Noise], LossOutput]  # (step, x0 micro-batch, its noise) -> loss
+SUMMED_STATS = ("nonfinite",)  # stats that add up over micro-batches and ranks; the rest are averaged
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What makes a training run this run: its name, its objective, its optimiser and its seed.
+
+    ``objective(net, head)`` returns the loss of one micro-batch, calling ``net`` and ``head`` (the adaptive weight
+    w_φ, or None) as given: under torchrun they are the DistributedDataParallel wrappers. ``optimizer(parameters)``
+    builds the optimiser over the network's and the head's parameters. ``settings`` is the stage's params section
+    (``teacher`` or ``distill``): steps, batch_size, lr, lr_warmup_steps, ema_half_life_kimg, adaptive_weight,
+    batch_per_device, log_every and max_nonfinite_steps are read from it.
+    """
+
+    name: str  # "teacher-cpu-s": the progress bar and the first word of every error
+    section: str  # "teacher" | "distill": the params section that errors point at
+    objective: Callable[[nn.Module, nn.Module | None], LossFn]
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    settings: Any
+    seed: int  # minibatch order and noise
+
+
+def rng_state(device: torch.device, noise: torch.Generator) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state(), "noise": noise.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Tensor], device: torch.device, noise: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    noise.set_state(state["noise"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Dist = distributed.SINGLE,
+          checkpoint: Checkpointer | None = None, progress: bool = True) -> TrainResult:
+    """Train ``net`` on ``data`` as ``spec`` says, for ``spec.settings.steps`` optimiser steps.
+
+    - Progress is counted in images; the EMA has a half-life in images; the learning rate is a function of the step
+      (linear warm-up over ``lr_warmup_steps``, then constant), so it needs no scheduler state.
+    - ``batch_size`` is the global batch. Under torchrun each rank takes its shard of the same global batch and noise
+      and runs it in micro-batches of ``batch_per_device`` (:mod:`study.distributed`); DDP's gradient sync waits
+      for the last micro-batch.
+    - A step whose gradient norm is not finite is skipped and counted; ``max_nonfinite_steps`` such steps in a row
+      stop training with an error naming the step (the last checkpoint is kept).
+    - With a ``checkpoint``, the run resumes from its last checkpoint and saves one every ``checkpoint.every`` steps:
+      weights, w_φ, EMA, optimiser, RNG and minibatch states, history. A resumed run on CPU reaches the same weights
+      as an uninterrupted one, bit for bit.
+    """
+    settings = spec.settings
+    steps, batch_size, lr, warmup_steps = settings.steps, settings.batch_size, settings.lr, settings.lr_warmup_steps
+    desc = spec.name
+
+    # The adaptive weight w_φ (paper Eq. 8), the optimiser, and the data-parallel wrappers the objective calls.
+    device = next(net.parameters()).device
+    head = AdaptiveWeight().to(device) if settings.adaptive_weight else None
+    extra = list(head.parameters()) if head is not None else []
+    params = list(net.parameters()) + extra
+    optimizer = spec.optimizer(params)
+    net_dp, head_dp = distributed.wrap(net, dist), (distributed.wrap(head, dist) if head is not None else None)
+    ddp_modules = [m for m in (net_dp, head_dp) if m is not None] if dist.enabled else []
+    loss_fn = spec.objective(net_dp, head_dp)
+
+    # Batches, noise and the EMA.
+    micro, rounds = distributed.micro_batches(batch_size, settings.batch_per_device, dist, name=spec.section)
+    mine = distributed.shard(batch_size, dist)
+    ema = EMA(net, half_life=settings.ema_half_life_kimg * 1000)
+    batches = Minibatches(len(data), batch_size, spec.seed)
+    gen = torch.Generator(device=device).manual_seed(spec.seed + 1)
+    history: list[dict[str, float]] = []
+    first_step, skipped, in_a_row, seconds_before = 0, 0, 0, 0.0
+
+    # Resume: the newest checkpoint of this very run (same parameters and inputs), if any.
+    state = checkpoint.restore() if checkpoint is not None else None
+    for note in checkpoint.notes if checkpoint is not None and progress and dist.is_main else []:
+        tqdm.write(f"{desc}: {note}", file=sys.stderr)
+    if state is not None:
+        net.load_state_dict(state["net"])
+        for p, value in zip(extra, state["extra"], strict=True):
+            p.data.copy_(value)
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["batches"])
+        set_rng_state(state["rng"], device, gen)
+        first_step, skipped, in_a_row = state["step"], state["skipped"], state["in_a_row"]
+        history, seconds_before = state["history"], state["seconds"]
+
+    def snapshot(steps_done: int) -> dict[str, Any]:
+        return {"step": steps_done, "net": net.state_dict(), "extra": [p.detach() for p in extra],
+                "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
+                "rng": rng_state(device, gen), "skipped": skipped, "in_a_row": in_a_row, "history": history,
+                "seconds": seconds_before + time.perf_counter() - start}
+
+    start = time.perf_counter()
+    bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc=desc, dynamic_ncols=True,
+               mininterval=1.0, disable=not (progress and dist.is_main))
+    for step in bar:
+        failpoint("step")
+
+        # Learning rate: linear warm-up, then constant.
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+
+        # The global batch and its noise, identical on every rank; this rank keeps its shard.
+        index = next(batches)[mine]
+        noise = Noise.draw((batch_size, *data.shape[1:]), generator=gen, device=device)[mine]
+
+        # Gradients of the shard, micro-batch by micro-batch; DDP averages them over the ranks on the last one.
+        optimizer.zero_grad(set_to_none=True)
+        losses, stats = [], []
+        for i in range(rounds):
+            part = slice(i * micro, (i + 1) * micro)
+            x0 = data[index[part]].to(device, non_blocking=True)
+            with contextlib.ExitStack() as no_sync:
+                if i < rounds - 1:
+                    for m in ddp_modules:
+                        no_sync.enter_context(m.no_sync())
+                out = loss_fn(step, x0, noise[part])
+                (out.loss / rounds).backward()
+            losses.append(out.loss.detach())
+            stats.append(out.stats)
+
+        # A step only if the gradient is finite.
+        grad_norm, stepped = step_if_finite(params, optimizer)
+        if stepped:
+            in_a_row = 0
+        else:
+            skipped, in_a_row = skipped + 1, in_a_row + 1
+            if in_a_row >= settings.max_nonfinite_steps:
+                kept = f"; the last checkpoint is kept in {checkpoint.directory}" if checkpoint and checkpoint.enabled else ""
+                raise StageError(f"{desc}: {in_a_row} steps in a row with a non-finite gradient, the last at step {step} "
+                                 f"(loss {torch.stack(losses).mean().item():.4g}); lower {spec.section}.lr{kept}")
+        ema.update(net, (step + 1) * batch_size, batch_size)
+
+        # Log: the loss and stats of the global batch (averaged over micro-batches and ranks).
+        if step % settings.log_every == 0 or step == steps - 1:
+            keys, parts = list(stats[0]), rounds * dist.world_size
+            totals = distributed.sum_over_ranks([torch.stack(losses).sum().item()] +
+                                                [sum(s[k] for s in stats) for k in keys], dist, device)
+            logged = {k: v if k in SUMMED_STATS else v / parts for k, v in zip(keys, totals[1:])}
+            elapsed = time.perf_counter() - start
+            row = {"step": step, "kimg": (step + 1) * batch_size / 1000, "loss": totals[0] / parts, "grad_norm": grad_norm,
+                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": (step + 1 - first_step) * batch_size / max(elapsed, 1e-9),
+                   "skipped": skipped, **logged}
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+
+        # Checkpoint (rank 0; every rank holds the same state).
+        if checkpoint is not None and dist.is_main and checkpoint.due(step + 1, steps):
+            checkpoint.save(lambda: snapshot(step + 1))
+    bar.close()
+    if not math.isfinite(history[-1]["loss"]):
+        raise StageError(f"{desc}: the final loss is not finite")
+    return TrainResult(ema, history, seconds_before + time.perf_counter() - start, skipped, first_step)
+
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    """The training log as CSV (for ``dvc plots``)."""
+    keys = list(dict.fromkeys(k for row in history for k in row))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(history)
+
+    atomic_replace_file(Path(path), write)

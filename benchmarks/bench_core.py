@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from scm import losses as L
-from scm import nn as snn
-from scm import samplers as S
-from scm import trigflow as tf
+from scm import losses
+from scm import nn as scm_nn
+from scm import samplers
+from scm import trigflow
 
 
 def median_time(fn, repeats: int) -> float:
@@ -35,7 +35,7 @@ def median_time(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", default="cpu-s", choices=list(snn.SCALES))
+    ap.add_argument("--scale", default="cpu-s", choices=list(scm_nn.SCALES))
     ap.add_argument("--shape", type=int, nargs=3, default=[4, 7, 7], metavar=("C", "H", "W"))
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=10, help="timed repetitions per measurement (median is reported)")
@@ -49,26 +49,26 @@ def main() -> None:
     torch.manual_seed(0)
     dev, sd = torch.device(args.device), 0.5
 
-    net = snn.UNet(snn.unet_config(args.scale, in_channels=args.shape[0])).to(dev)
+    net = scm_nn.UNet(scm_nn.unet_config(args.scale, in_channels=args.shape[0])).to(dev)
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
-    head = snn.AdaptiveWeight().to(dev)
+    head = scm_nn.AdaptiveWeight().to(dev)
     params = list(net.parameters()) + list(head.parameters())
     opt = torch.optim.RAdam(params, lr=1e-4)
     x0 = sd * torch.randn(args.batch, *args.shape, device=dev)
-    teacher_v = lambda x, t: tf.velocity(teacher, x, t, sd)
-    cfg = L.SCMConfig(sigma_data=sd, tangent_warmup_steps=0)
+    teacher_v = lambda x, t: trigflow.velocity(teacher, x, t, sd)
+    cfg = losses.SCMConfig(sigma_data=sd, tangent_warmup_steps=0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def teacher_step(amp=None):
         net.amp_dtype = amp
-        out = L.diffusion_loss(net, x0, sigma_data=sd, P_mean=-0.8, P_std=1.6, weight_head=head)
-        L.optimizer_step(out.loss, params, opt)
+        out = losses.diffusion_loss(net, x0, sigma_data=sd, P_mean=-0.8, P_std=1.6, weight_head=head)
+        losses.optimizer_step(out.loss, params, opt)
         sync()
 
     def scd_step(amp=None):
         net.amp_dtype = amp
-        out = L.scm_loss(net, x0, cfg=cfg, step=10**6, teacher=teacher_v, weight_head=head)
-        L.optimizer_step(out.loss, params, opt)
+        out = losses.scm_loss(net, x0, cfg=cfg, step=10**6, teacher=teacher_v, weight_head=head)
+        losses.optimizer_step(out.loss, params, opt)
         sync()
 
     steps = {"teacher": teacher_step, "scd": scd_step}
@@ -87,24 +87,24 @@ def main() -> None:
 
     # Sampling: same network, same batch, one process, back to back after a warm-up.
     net.eval()
-    v = lambda x, t: tf.velocity(net, x, t, sd)
-    noise = S.noise_from_seeds(range(args.batch), args.shape, 2, sigma_data=sd, device=dev)
-    ts_teacher = S.karras_times(args.teacher_steps, sd)
-    nfe_teacher = S.teacher_nfe("dpm2", args.teacher_steps)
-    samplers = {
-        "teacher": (lambda: (S.sample_dpm2(v, noise, ts=ts_teacher), sync()), nfe_teacher),
-        "scm-1step": (lambda: (S.sample_consistency(v, noise, ts=S.consistency_times(1, sd)), sync()), 1),
-        "scm-2step": (lambda: (S.sample_consistency(v, noise, ts=S.consistency_times(2, sd)), sync()), 2),
+    v = lambda x, t: trigflow.velocity(net, x, t, sd)
+    noise = samplers.noise_from_seeds(range(args.batch), args.shape, 2, sigma_data=sd, device=dev)
+    ts_teacher = samplers.karras_times(args.teacher_steps, sd)
+    nfe_teacher = samplers.teacher_nfe("dpm2", args.teacher_steps)
+    jobs = {
+        "teacher": (lambda: (samplers.sample_dpm2(v, noise, ts=ts_teacher), sync()), nfe_teacher),
+        "scm-1step": (lambda: (samplers.sample_consistency(v, noise, ts=samplers.consistency_times(1, sd)), sync()), 1),
+        "scm-2step": (lambda: (samplers.sample_consistency(v, noise, ts=samplers.consistency_times(2, sd)), sync()), 2),
     }
-    for fn, _ in samplers.values():
+    for fn, _ in jobs.values():
         fn()
-    times = {k: [] for k in samplers}
+    times = {k: [] for k in jobs}
     for _ in range(max(3, args.repeats // 2)):
-        for k, (fn, _) in samplers.items():
+        for k, (fn, _) in jobs.items():
             times[k].append(median_time(fn, 1))
     sec = {k: statistics.median(v) for k, v in times.items()}
 
-    n_params = snn.count_params(net)
+    n_params = scm_nn.count_params(net)
     print(f"device={dev.type} threads={torch.get_num_threads()} scale={args.scale} ({n_params / 1e6:.2f} M params) "
           f"shape={tuple(args.shape)} batch={args.batch} repeats={args.repeats}")
     print(f"teacher step  {step_teacher * 1e3:8.1f} ms")
@@ -113,10 +113,10 @@ def main() -> None:
     if args.bf16:
         print(f"bf16 autocast: teacher step {step_sec['teacher-bf16'] * 1e3:.1f} ms ({step_teacher / step_sec['teacher-bf16']:.2f}x "
               f"faster), sCD step {step_sec['scd-bf16'] * 1e3:.1f} ms ({step_scd / step_sec['scd-bf16']:.2f}x faster)")
-    for k, (_, nfe) in samplers.items():
+    for k, (_, nfe) in jobs.items():
         print(f"{k:10s} NFE {nfe:3d}  {args.batch / sec[k]:10.1f} images/s  {sec[k] / args.batch * 1e3:8.3f} ms/image")
     for k in ("scm-1step", "scm-2step"):
-        nfe = samplers[k][1]
+        nfe = jobs[k][1]
         speedup = sec["teacher"] / sec[k]
         print(f"{k} speedup over teacher: {speedup:.1f}x, NFE ratio {nfe_teacher / nfe:.1f}x, "
               f"fraction of NFE ratio {speedup / (nfe_teacher / nfe):.2f} (target >= 0.9)")

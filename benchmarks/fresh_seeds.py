@@ -19,7 +19,8 @@ from study.codec import load_codec
 from study.fidelity import compute_quality
 from study.images import load_split
 from study.runtime import setup_torch
-from study.sampling import METHODS, build_samplers, generate, load_models, seeds_of
+from study.layout import METHODS
+from study.sampling import build_samplers, generate, load_models, seeds_of
 
 
 def main(argv: list[str] | None = None) -> None:

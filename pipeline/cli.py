@@ -13,13 +13,16 @@ with ``prefect server start`` running and PREFECT_API_URL=http://127.0.0.1:4200/
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import project as P
+from pipeline import project as dvc_driver
 from study.errors import StageError
+from study.files import split_credentials
+from study.params import deep_merge, read_yaml
 
 EXAMPLES = __doc__.split("\n\n")[1]
 
@@ -57,11 +60,11 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         values = None
         if text.startswith("["):
             try:
-                values = yaml.safe_load(text)
+                values = read_yaml(text)
             except yaml.YAMLError:
                 values = None
         if not isinstance(values, list):
-            values = [yaml.safe_load(v) for v in _split_top_level(text)]
+            values = [read_yaml(v) for v in _split_top_level(text)]
         if not values:
             raise StageError(f"grid {key}: no values")
         grid[key] = values
@@ -138,12 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _parameters(args: argparse.Namespace) -> dict[str, Any]:
     """Flow parameters from the shared options, validated now (bad input fails before anything starts)."""
-    cfg = P.configure(args.project, args.profile, args.overrides, args.scales)
+    cfg = dvc_driver.configure(args.project, args.profile, args.overrides, args.scales)
     params: dict[str, Any] = {"profile": cfg.profile, "overrides": list(args.overrides), "project": str(cfg.project)}
     if args.scales:
         params["scales"] = list(args.scales)
     if args.tracking_uri:
-        params["tracking_uri"] = args.tracking_uri
+        # Credentials never become a flow parameter (stored and shown by Prefect): they go to the environment.
+        params["tracking_uri"], credentials = split_credentials(args.tracking_uri)
+        os.environ.update(credentials)
     if args.pull:
         params["pull"] = True
     return params
@@ -181,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                           runs_dir=args.runs_dir)
             from pipeline.flows import sweep_points
             for label, point in sweep_points(params["grid"], args.scales):  # validate every point now
-                P.configure(args.project, args.profile, P.config.deep_merge(P.parse_overrides(args.overrides),
-                                                                            P.parse_overrides(point)), None)
+                dvc_driver.configure(args.project, args.profile, deep_merge(dvc_driver.parse_overrides(args.overrides),
+                                                                            dvc_driver.parse_overrides(point)), None)
         elif args.command == "deploy":
             return _deploy(args, params)
         elif args.command == "serve":
@@ -218,7 +223,7 @@ def _serve(args: argparse.Namespace, params: dict[str, Any]) -> int:
         return 2
     sweep_params = {k: v for k, v in params.items() if k != "scales"}
     grid = parse_grid(args.grid)
-    sweep_params.update(grid=grid or None, scales=None if grid else list(P.configure(
+    sweep_params.update(grid=grid or None, scales=None if grid else list(dvc_driver.configure(
         args.project, args.profile, args.overrides, args.scales).scales))
     if args.timezone:
         from prefect.schedules import Cron
@@ -263,9 +268,16 @@ def _deploy(args: argparse.Namespace, params: dict[str, Any]) -> int:
     params.pop("project")  # each worker runs in its own clone of --source
     if args.flow == "reproduce" and args.push:
         params["push"] = True
+    bad = next((item for item in args.env if "=" not in item or not item.split("=", 1)[0].strip()), None)
+    if bad is not None:
+        raise StageError(f"--env {bad!r}: expected KEY=VALUE")
     env = dict(item.split("=", 1) for item in args.env)
     if args.tracking_uri:
-        env.setdefault("MLFLOW_TRACKING_URI", args.tracking_uri)
+        uri, credentials = split_credentials(args.tracking_uri)
+        if credentials:
+            raise StageError("--tracking-uri: credentials in the URI would be stored in the deployment; give the "
+                             "workers MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD in their environment instead")
+        env.setdefault("MLFLOW_TRACKING_URI", uri)
     deployment_id = deploy_to_pool(args.flow, args.pool, args.source, name=args.name, parameters=params,
                                    branch=args.branch, cron=args.cron, env=env)
     print(f"deployed {args.flow}/{args.name} ({deployment_id}) to work pool {args.pool!r}; start workers with "

@@ -43,9 +43,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline import project as P
-from pipeline import tracking as T
+from pipeline import project as dvc_driver
+from pipeline import tracking
+from study import layout
 from study.errors import StageError
+from study.files import redact
+from study.params import deep_merge
 
 _dvc_api_lock = threading.Lock()  # DVC's Python API is used from sweep threads: one call at a time
 
@@ -55,7 +58,7 @@ _dvc_api_lock = threading.Lock()  # DVC's Python API is used from sweep threads:
 
 
 def _stage_run_name() -> str:
-    return P.task_name(task_run.parameters["stage"])
+    return dvc_driver.task_name(task_run.parameters["stage"])
 
 
 def _record_run_name() -> str:
@@ -63,11 +66,11 @@ def _record_run_name() -> str:
 
 
 def _point_run_name() -> str:
-    return f"point-{P.slug(task_run.parameters['label'])}"
+    return f"point-{dvc_driver.slug(task_run.parameters['label'])}"
 
 
 def _flow_run_name(kind: str, name: str | None) -> str:
-    return "-".join(filter(None, (kind, P.slug(name) if name else None, time.strftime("%Y%m%d-%H%M%S"))))
+    return "-".join(filter(None, (kind, dvc_driver.slug(name) if name else None, time.strftime("%Y%m%d-%H%M%S"))))
 
 
 def _reproduce_run_name() -> str:
@@ -81,7 +84,7 @@ def _sweep_run_name() -> str:
 def _retry_transient(_task, _task_run, state) -> bool:
     """Retry a stage only when another attempt can help (see ``pipeline.project.TRANSIENT``)."""
     exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
-    if isinstance(exc, P.StageFailed):
+    if isinstance(exc, dvc_driver.StageFailed):
         return exc.transient
     return isinstance(exc, OSError)
 
@@ -91,25 +94,27 @@ def _retry_transient(_task, _task_run, state) -> bool:
 
 
 @task(name="configure", task_run_name="configure", cache_policy=NO_CACHE)
-def configure(project: str | None, profile: str | None, overrides: P.Overrides, scales: list[str] | None,
-              ) -> tuple[P.Configuration, list[str]]:
-    """Validate the request, record it in ``params.yaml``, and list the stages to run in order."""
+def configure(project: str | None, profile: str | None, overrides: dvc_driver.Overrides, scales: list[str] | None,
+              ) -> tuple[dvc_driver.Configuration, list[str], str]:
+    """Validate the request, record it in ``params.yaml``, list the stages to run in order; and the params digest."""
     logger = get_run_logger()
-    cfg = P.configure(project, profile, overrides, scales)
-    if P.write_params(cfg):
-        logger.info("params.yaml: profile %s%s", cfg.profile, f", {P.describe(cfg.overrides)}" if cfg.overrides else "")
+    cfg = dvc_driver.configure(project, profile, overrides, scales)
+    if dvc_driver.write_params(cfg):
+        logger.info("params.yaml: profile %s%s", cfg.profile, f", {dvc_driver.describe(cfg.overrides)}" if cfg.overrides else "")
     with _dvc_api_lock:
-        stages = P.stage_order(cfg.project, cfg.scales)
+        stages = dvc_driver.stage_order(cfg.project, cfg.scales)
     logger.info("project %s, scales %s: %s", cfg.project, ", ".join(cfg.scales), " -> ".join(stages))
-    return cfg, stages
+    return cfg, stages, dvc_driver.params_digest(cfg.project)
 
 
 @task(name="stage", task_run_name=_stage_run_name, retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
-def run_stage(project: Path, stage: str, tracking_uri: str, pull: bool = False, force: bool = False) -> dict[str, Any]:
-    """``dvc repro --single-item <stage>``, its output streamed into this task's log."""
+def run_stage(project: Path, stage: str, tracking_uri: str, params_digest: str, pull: bool = False,
+              force: bool = False) -> dict[str, Any]:
+    """``dvc repro --single-item <stage>``, its output streamed into this task's log; refused if params.yaml changed."""
     logger = get_run_logger()
-    result = P.repro_stage(project, stage, log=logger.info, env=P.subprocess_env(tracking_uri), pull=pull, force=force)
+    dvc_driver.check_params_unchanged(project, params_digest, stage)
+    result = dvc_driver.repro_stage(project, stage, log=logger.info, env=dvc_driver.subprocess_env(tracking_uri), pull=pull, force=force)
     logger.info("%s: %s in %.1f s", stage, result.outcome, result.seconds)
     return {"stage": stage, "outcome": result.outcome, "seconds": round(result.seconds, 2)}
 
@@ -117,45 +122,45 @@ def run_stage(project: Path, stage: str, tracking_uri: str, pull: bool = False, 
 @task(name="dvc-push", task_run_name="dvc-push", retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
 def push_outputs(project: Path) -> None:
     """``dvc push``: share this run's outputs (and run cache) with other machines through the DVC remote."""
-    get_run_logger().info(P.dvc(project, "push", "--run-cache").strip())
+    get_run_logger().info(dvc_driver.dvc(project, "push", "--run-cache").strip())
 
 
 @task(name="mlflow-open", task_run_name="mlflow-open", retries=2, retry_delay_seconds=[5, 20], cache_policy=NO_CACHE)
-def open_record(cfg: P.Configuration, tracking_uri: str | None, parent_run_id: str | None, label: str | None,
-                kind: str = "reproduction", extra_params: dict[str, Any] | None = None) -> T.Record:
+def open_record(cfg: dvc_driver.Configuration, tracking_uri: str | None, parent_run_id: str | None, label: str | None,
+                kind: str = "reproduction", extra_params: dict[str, Any] | None = None) -> tracking.Record:
     """The MLflow parent run of this reproduction (under ``parent_run_id`` for a sweep point)."""
-    uri = T.tracking_uri(cfg.project, tracking_uri)
-    params = {"profile": cfg.profile, "scales": list(cfg.scales), "overrides": P.describe(cfg.overrides) or "none",
+    uri = tracking.tracking_uri(cfg.project, tracking_uri)
+    params = {"profile": cfg.profile, "scales": list(cfg.scales), "overrides": dvc_driver.describe(cfg.overrides) or "none",
               **(extra_params or {})}
     tags = {"scm.kind": kind, "scm.project": str(cfg.project)}
     if label:
         tags["scm.point"] = label
     name = label or f"{kind}-{cfg.profile}"
-    record = T.open_parent(uri, cfg.project, cfg.profile, run_name=name, params=params, tags=tags,
+    record = tracking.open_parent(uri, cfg.project, cfg.profile, run_name=name, params=params, tags=tags,
                            parent_run_id=parent_run_id)
-    get_run_logger().info("MLflow: %s, experiment %s, run %s", T.redact(uri), T.experiment_name(cfg.profile), record.run_id)
+    get_run_logger().info("MLflow: %s, experiment %s, run %s", redact(uri), tracking.experiment_name(cfg.profile), record.run_id)
     return record
 
 
 @task(name="mlflow-scale", task_run_name=_record_run_name, retries=2, retry_delay_seconds=[5, 20], cache_policy=NO_CACHE)
-def record_scale(record: T.Record, cfg: P.Configuration, scale: str, stages: list[str],
+def record_scale(record: tracking.Record, cfg: dvc_driver.Configuration, scale: str, stages: list[str],
                  label: str | None = None) -> dict[str, Any]:
     """The child run of ``scale``: params, curves, evaluation, grids, config; the student registered."""
-    resolved = P.config.load(cfg.project / "params.yaml").to_dict()  # what the stages actually read
+    resolved = tracking.scale_params(cfg.project, scale, cfg.profile)  # what this scale's stages actually read
     tags = {"scm.point": label} if label else {}
-    summary = T.log_scale(record, cfg.project, scale, resolved, stages=stages, extra_tags=tags)
+    summary = tracking.log_scale(record, cfg.project, scale, resolved, stages=stages, extra_tags=tags)
     get_run_logger().info("%s: run %s, fid_clf 2-step %s, model version %s", scale, summary["run_id"],
-                          summary.get("fid_clf_scm2"), summary.get("model_version"))
+                          summary.get(layout.metric("fid_clf", "scm2")), summary.get("model_version"))
     return summary
 
 
 @task(name="compare-scales", task_run_name="compare-scales", cache_policy=NO_CACHE)
-def compare_scales(record: T.Record, key: str) -> list[dict[str, Any]]:
+def compare_scales(record: tracking.Record, key: str) -> list[dict[str, Any]]:
     """Read the child runs back from MLflow, plot FID against parameters on the parent, publish the table."""
-    table = T.scaling_table(record.uri, record.experiment_id, f"tags.mlflow.parentRunId = '{record.run_id}'")
+    table = tracking.scaling_table(record.uri, record.experiment_id, f"tags.mlflow.parentRunId = '{record.run_id}'")
     if table.empty:
         raise StageError(f"MLflow run {record.run_id}: no per-scale child runs to compare")
-    T.log_figure(record, T.scaling_figure(table), "scaling/fid_vs_params.png")
+    tracking.log_figure(record, tracking.scaling_figure(table), "scaling/fid_vs_params.png")
     rows = _records(table)
     create_table_artifact(rows, key=f"scaling-{key}",
                           description=f"Per-scale results read back from MLflow (parent run `{record.run_id}`, "
@@ -164,15 +169,15 @@ def compare_scales(record: T.Record, key: str) -> list[dict[str, Any]]:
 
 
 @task(name="publish-report", task_run_name="publish-report", cache_policy=NO_CACHE)
-def publish_report(record: T.Record, cfg: P.Configuration, key: str) -> None:
+def publish_report(record: tracking.Record, cfg: dvc_driver.Configuration, key: str) -> None:
     """Prefect artifacts from ``reports/``; the report files also on the MLflow parent run."""
-    reports = cfg.project / "reports"
-    summary = json.loads((reports / "summary.json").read_text())
-    rows = [P.flatten({k: v for k, v in entry.items() if k != "wall_seconds"}) for entry in summary["scales"]]
+    reports = cfg.project / layout.REPORTS
+    summary = json.loads((reports / layout.SUMMARY).read_text())
+    rows = [dvc_driver.flatten({k: v for k, v in entry.items() if k != "wall_seconds"}) for entry in summary["scales"]]
     create_table_artifact(rows, key=f"summary-{key}", description=f"reports/summary.json of {cfg.project}")
     create_markdown_artifact(_report_markdown(reports, record), key=f"report-{key}",
                              description=f"reports/report.md of {cfg.project}")
-    c = T.client(record.uri)
+    c = tracking.client(record.uri)
     for path in sorted(reports.iterdir()):
         if path.suffix in (".md", ".json", ".png"):
             c.log_artifact(record.run_id, str(path), "report")
@@ -186,9 +191,9 @@ def _records(table) -> list[dict[str, Any]]:
     return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
 
 
-def _report_markdown(reports: Path, record: T.Record) -> str:
+def _report_markdown(reports: Path, record: tracking.Record) -> str:
     """``report.md`` with its images turned into links: the UI shows images only from public URLs."""
-    text = (reports / "report.md").read_text()
+    text = (reports / layout.REPORT).read_text()
     text = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", lambda m: f"[{m.group(1) or m.group(2)}]({(reports / m.group(2)).as_uri()}) "
                   f"(`{reports / m.group(2)}`)", text)
     return (f"{text}\n\n---\nImages: the links above are files on the machine that ran the flow; the same files are "
@@ -219,22 +224,23 @@ def reproduce(profile: str | None = None, overrides: list[str] | dict[str, Any] 
         parent_run_id: nest this reproduction's MLflow run under that run (used by ``sweep``).
         label: a name for this reproduction in MLflow and artifact keys (used by ``sweep``).
     """
-    cfg, stages = configure(project, profile, overrides, scales)
-    record = open_record(cfg, tracking_uri, parent_run_id, label)
-    key = P.slug(f"{cfg.profile}-{label}" if label else cfg.profile)
-    try:
-        outcomes = [run_stage(cfg.project, stage, record.uri, pull=pull, force=force) for stage in stages]
-        if push:
-            push_outputs(cfg.project)
-        children = [record_scale(record, cfg, scale, stages, label=label) for scale in cfg.scales]
-        table = compare_scales(record, key)
-        publish_report(record, cfg, key)
-    except BaseException:
-        T.close(record, "FAILED")
-        raise
-    T.close(record, "FINISHED")
+    with dvc_driver.flow_lock(dvc_driver.find_project(project)):  # one flow per project: no interleaved params
+        cfg, stages, digest = configure(project, profile, overrides, scales)
+        record = open_record(cfg, tracking_uri, parent_run_id, label)
+        key = dvc_driver.slug(f"{cfg.profile}-{label}" if label else cfg.profile)
+        try:
+            outcomes = [run_stage(cfg.project, stage, record.uri, digest, pull=pull, force=force) for stage in stages]
+            if push:
+                push_outputs(cfg.project)
+            children = [record_scale(record, cfg, scale, stages, label=label) for scale in cfg.scales]
+            table = compare_scales(record, key)
+            publish_report(record, cfg, key)
+        except BaseException:
+            tracking.close(record, "FAILED")
+            raise
+        tracking.close(record, "FINISHED")
     return {"project": str(cfg.project), "profile": cfg.profile, "scales": list(cfg.scales),
-            "tracking_uri": T.redact(record.uri), "experiment_id": record.experiment_id, "run_id": record.run_id,
+            "tracking_uri": redact(record.uri), "experiment_id": record.experiment_id, "run_id": record.run_id,
             "stages": outcomes, "children": children, "table": table}
 
 
@@ -250,7 +256,7 @@ def sweep_points(grid: dict[str, list[Any]] | None, scales: list[str] | None) ->
     for key, values in (grid or {}).items():
         if not isinstance(values, (list, tuple)) or not values:
             raise StageError(f"grid {key}: expected a non-empty list of values, got {values!r}")
-        axes.append([(f"{key}={P.format_value(v)}", {key: v}) for v in values])
+        axes.append([(f"{key}={dvc_driver.format_value(v)}", {key: v}) for v in values])
     if not axes:
         raise StageError("sweep: give scales and/or a grid of overrides (nothing to sweep)")
     points = []
@@ -265,20 +271,20 @@ def run_point(project: Path, run_dir: Path, cache_dir: str, label: str, profile:
               tracking_uri: str, parent_run_id: str, pull: bool = False) -> dict[str, Any]:
     """One sweep point: an isolated copy of the project, then ``reproduce`` in it (a subflow)."""
     logger = get_run_logger()
-    P.isolate(project, run_dir, cache_dir=cache_dir)
+    dvc_driver.isolate(project, run_dir, cache_dir=cache_dir)
     logger.info("%s: isolated copy at %s (DVC cache %s)", label, run_dir, cache_dir)
     return reproduce(profile=profile, overrides=overrides, project=str(run_dir), tracking_uri=tracking_uri, pull=pull,
                      parent_run_id=parent_run_id, label=label)
 
 
 @task(name="compare-points", task_run_name="compare-points", cache_policy=NO_CACHE)
-def compare_points(record: T.Record, keys: list[str], key: str) -> list[dict[str, Any]]:
+def compare_points(record: tracking.Record, keys: list[str], key: str) -> list[dict[str, Any]]:
     """Every (point, scale) child run of the sweep in one table and one figure on the sweep's parent run."""
-    table = T.scaling_table(record.uri, record.experiment_id, f"tags.`scm.sweep_run_id` = '{record.run_id}'",
+    table = tracking.scaling_table(record.uri, record.experiment_id, f"tags.`scm.sweep_run_id` = '{record.run_id}'",
                             extra_params=tuple(keys))
     if table.empty:
         raise StageError(f"MLflow sweep run {record.run_id}: no per-scale runs found")
-    T.log_figure(record, T.scaling_figure(table, "FID against parameter count, per sweep point"),
+    tracking.log_figure(record, tracking.scaling_figure(table, "FID against parameter count, per sweep point"),
                  "scaling/fid_vs_params.png")
     rows = _records(table)
     create_table_artifact(rows, key=f"sweep-{key}", description=f"Sweep results read back from MLflow (parent run "
@@ -307,20 +313,20 @@ def sweep(grid: dict[str, list[Any]] | None = None, scales: list[str] | None = N
     logger = get_run_logger()
     if concurrency < 1:
         raise StageError(f"concurrency: expected at least 1, got {concurrency}")
-    base_overrides = P.parse_overrides(overrides)
+    base_overrides = dvc_driver.parse_overrides(overrides)
     points = sweep_points(grid, scales)
     # Every point is validated before anything runs or is copied.
-    configs = [P.configure(project, profile, P.config.deep_merge(base_overrides, P.parse_overrides(o)), None)
+    configs = [dvc_driver.configure(project, profile, deep_merge(base_overrides, dvc_driver.parse_overrides(o)), None)
                for _, o in points]
     root = configs[0].project
-    uri = T.tracking_uri(root, tracking_uri)
+    uri = tracking.tracking_uri(root, tracking_uri)
     with _dvc_api_lock:
         from dvc.repo import Repo
 
         with Repo(str(root)) as repo:
             cache_dir = repo.cache.local_cache_dir
     sweep_dir = Path(runs_dir or root / ".sweeps").resolve() / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    keys = sorted({k for _, o in points for k in P.flatten(P.parse_overrides(o))})
+    keys = sorted({k for _, o in points for k in dvc_driver.flatten(dvc_driver.parse_overrides(o))})
     # The experiment and the parent run exist before the fan-out (no creation races on the store).
     record = open_record(configs[0], uri, None, None, kind="sweep",
                          extra_params={"grid": json.dumps(grid or {}), "sweep_scales": json.dumps(scales or []),
@@ -334,8 +340,8 @@ def sweep(grid: dict[str, list[Any]] | None = None, scales: list[str] | None = N
                 done, _ = concurrent.futures.wait([f.wrapped_future for f in running],
                                                   return_when=concurrent.futures.FIRST_COMPLETED)
                 running = [f for f in running if f.wrapped_future not in done]
-            future = run_point.submit(root, sweep_dir / P.slug(label), cache_dir, label, cfg.profile,
-                                      P.config.deep_merge(base_overrides, P.parse_overrides(point)), uri,
+            future = run_point.submit(root, sweep_dir / dvc_driver.slug(label), cache_dir, label, cfg.profile,
+                                      deep_merge(base_overrides, dvc_driver.parse_overrides(point)), uri,
                                       record.run_id)
             futures.append((label, future))
             running.append(future)
@@ -347,20 +353,20 @@ def sweep(grid: dict[str, list[Any]] | None = None, scales: list[str] | None = N
             else:
                 failed.append(f"{label}: {future.state.message}")
         _tag_sweep_children(record, results)
-        table = compare_points(record, keys, P.slug(configs[0].profile)) if results else []
+        table = compare_points(record, keys, dvc_driver.slug(configs[0].profile)) if results else []
         if failed:
             raise StageError(f"{len(failed)} of {len(points)} sweep points failed: " + "; ".join(failed))
     except BaseException:
-        T.close(record, "FAILED")
+        tracking.close(record, "FAILED")
         raise
-    T.close(record, "FINISHED")
-    return {"run_id": record.run_id, "tracking_uri": T.redact(uri), "experiment_id": record.experiment_id,
+    tracking.close(record, "FINISHED")
+    return {"run_id": record.run_id, "tracking_uri": redact(uri), "experiment_id": record.experiment_id,
             "sweep_dir": str(sweep_dir), "points": results, "table": table}
 
 
-def _tag_sweep_children(record: T.Record, results: dict[str, dict[str, Any]]) -> None:
+def _tag_sweep_children(record: tracking.Record, results: dict[str, dict[str, Any]]) -> None:
     """Tag every per-scale run of the sweep with the sweep's run id, so one query finds them all."""
-    c = T.client(record.uri)
+    c = tracking.client(record.uri)
     for result in results.values():
         for child in result["children"]:
             c.set_tag(child["run_id"], "scm.sweep_run_id", record.run_id)

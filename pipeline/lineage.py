@@ -14,57 +14,10 @@ files must be a ``deps`` entry of the stage, and no other project file may be. T
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
-from functools import cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("scm", "study", "stages", "pipeline")  # the project's own code; everything else is a dependency
-
-
-def module_file(module: str, root: Path = ROOT) -> Path | None:
-    """The project file that defines ``module`` (``study.images`` -> ``study/images.py``), or None if it is not ours."""
-    if module.split(".")[0] not in PACKAGES:
-        return None
-    base = root.joinpath(*module.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def _imported_modules(path: Path) -> set[str]:
-    """Every module ``path`` imports, anywhere in the file (``from a import b`` yields ``a`` and ``a.b``)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return found
-
-
-def _with_parents(module: str) -> list[str]:
-    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``: importing a module runs its packages' ``__init__`` first."""
-    parts = module.split(".")
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
-
-
-@cache
-def closure(module: str, root: Path = ROOT) -> frozenset[Path]:
-    """The project files that running ``python -m <module>`` imports, ``module``'s own file included."""
-    seen: set[Path] = set()
-    todo = [module]
-    while todo:
-        for name in _with_parents(todo.pop()):
-            path = module_file(name, root)
-            if path is None or path in seen:
-                continue
-            seen.add(path)
-            todo.extend(_imported_modules(path))
-    return frozenset(seen)
+from study.imports import PACKAGES, ROOT, closure
 
 
 def code_deps(stage: str, root: Path = ROOT) -> list[str]:

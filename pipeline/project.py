@@ -3,7 +3,7 @@
 Nothing here imports Prefect or MLflow. The flows (``pipeline/flows.py``) call these functions from their tasks:
 
 - :func:`configure` validates a profile, ``key=value`` overrides and scales with the stages' own loader
-  (``study.params.load``) and the scale table (``scm.nn.SCALES``) *before anything runs*; :func:`write_params` then
+  (``study.params.load``, which also checks the scales) *before anything runs*; :func:`write_params` then
   records them in ``params.yaml`` the way ``dvc exp run -S`` does, so that DVC sees every value a stage will read.
 - :func:`stage_order` asks DVC for the stage graph and orders it the way the study reads: shared stages, then every
   per-scale stage of the first scale of ``base.scales``, then the next scale, then the report.
@@ -16,6 +16,7 @@ Nothing here imports Prefect or MLflow. The flows (``pipeline/flows.py``) call t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import yaml
 from pipeline import TELEMETRY_OFF
 from study import params as study_params
 from study.errors import StageError
+from study.files import sha256_file
 
 # The order in which the study reads: shared stages, then each scale's chain, then the cross-scale report.
 SHARED_STAGES = ("data", "encode", "classifier")
@@ -99,6 +101,43 @@ class Configuration:
     scales: tuple[str, ...]
 
 
+def params_digest(project: Path) -> str:
+    """sha256 of the project's ``params.yaml``: what every stage of a flow must still read."""
+    return sha256_file(Path(project) / "params.yaml")
+
+
+def check_params_unchanged(project: Path, digest: str, stage: str) -> None:
+    """Refuse to run ``stage`` when ``params.yaml`` changed since the flow configured it (the study would mix)."""
+    if params_digest(project) != digest:
+        raise StageError(f"{Path(project) / 'params.yaml'}: changed since this flow configured it; {stage} not run "
+                         "(a flow's stages must all read one configuration: start a new flow)")
+
+
+@contextlib.contextmanager
+def flow_lock(project: Path) -> Iterator[None]:
+    """Hold the project's flow lock: one flow per project at a time (a second one fails at once, naming the first)."""
+    import fcntl
+
+    path = Path(project) / ".dvc" / "tmp" / "scm-flow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise StageError(f"{project}: another flow is running on this project ({holder}); wait for it to end, "
+                             "or run in a clone (as sweep does)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"PID {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def parse_overrides(overrides: Overrides) -> dict[str, Any]:
     """``["distill.steps=4"]`` or ``{"distill.steps": 4}`` or ``{"distill": {"steps": 4}}`` -> nested mapping."""
     if not overrides:
@@ -125,7 +164,7 @@ def parse_overrides(overrides: Overrides) -> dict[str, Any]:
 def _raw_params(project: Path) -> dict[str, Any]:
     path = project / "params.yaml"
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = study_params.read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise StageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -140,8 +179,6 @@ def configure(project: str | Path | None, profile: str | None = None, overrides:
     Raises :class:`StageError` naming the offending profile, key or scale. ``scales`` is shorthand for the override
     ``base.scales``. The profile defaults to the one ``params.yaml`` selects.
     """
-    from scm.nn import SCALES
-
     project = find_project(project)
     nested = parse_overrides(overrides)
     if scales is not None:
@@ -152,12 +189,7 @@ def configure(project: str | Path | None, profile: str | None = None, overrides:
         raise StageError("profile: choose it with the profile parameter (--profile), not as an override")
     raw = _raw_params(project)
     profile = profile if profile is not None else raw.get("profile", "default")
-    params = study_params.load(project / "params.yaml", profile, nested)
-    unknown = [s for s in params.base.scales if s not in SCALES]
-    if unknown:
-        raise StageError(f"base.scales: unknown scale {unknown[0]!r} (accepted: {', '.join(SCALES)})")
-    if not params.base.scales:
-        raise StageError("base.scales: expected at least one scale")
+    params = study_params.load(project / "params.yaml", profile, nested)  # checks base.scales too
     # dvc.yaml expands the per-scale stages from the *top-level* base.scales; the stages resolve the profile's.
     expanded = nested.get("base", {}).get("scales", (raw.get("base") or {}).get("scales"))
     if expanded is not None and list(expanded) != list(params.base.scales):
@@ -234,7 +266,7 @@ def write_params(cfg: Configuration) -> bool:
     rt.dump(doc, buf)
     if buf.getvalue() == text:
         return False
-    written = study_params.resolve(yaml.safe_load(buf.getvalue()))
+    written = study_params.resolve(study_params.read_yaml(buf.getvalue()))
     if written.to_dict() != cfg.params.to_dict():  # an invariant of the placement rules above
         raise AssertionError("params.yaml as written does not resolve to the requested configuration")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -293,10 +325,11 @@ class StageFailed(Exception):
         self.stage, self.returncode, self.transient = stage, returncode, transient
 
 
-# Failures that another attempt can fix: another DVC command holding the workspace lock, a busy SQLite file,
-# a process killed from outside (signal, out-of-memory killer).
-TRANSIENT = re.compile(r"Unable to acquire lock|database is locked|exited with -\d+|exited with 13[47]\b|"
-                       r"Connection (refused|reset)|Temporary failure|timed out", re.IGNORECASE)
+# Failures that another attempt can fix: another DVC command holding the workspace or a stage's lock, a busy SQLite
+# file, a process killed from outside (signal, out-of-memory killer).
+TRANSIENT = re.compile(r"Unable to acquire lock|is busy, it is being blocked by|database is locked|"
+                       r"exited with -\d+|exited with 13[47]\b|Connection (refused|reset)|Temporary failure|timed out",
+                       re.IGNORECASE)
 OUTCOMES = (("ran", re.compile(r"^Running stage '")),
             ("restored", re.compile(r"is cached - skipping run")),
             ("pulled", re.compile(r"^Pulling data for stage")),

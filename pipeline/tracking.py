@@ -34,8 +34,10 @@ from typing import Any
 import yaml
 
 from pipeline.project import flatten, slug
+from study import layout
 from study.errors import StageError
-from study.files import git_commit
+from study.files import git_commit, split_credentials
+from study.models import MODEL_FILE
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 _search_lock = threading.Lock()  # mlflow.search_runs reads the process-wide tracking URI (and its env variable)
@@ -46,29 +48,20 @@ _search_lock = threading.Lock()  # mlflow.search_runs reads the process-wide tra
 
 
 def tracking_uri(project: Path, uri: str | None = None) -> str:
-    """``uri``, else ``$MLFLOW_TRACKING_URI``, else SQLite at an absolute path in the project.
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else SQLite at an absolute path in the project; without credentials.
+
+    ``user:password@`` in the URI moves to MLFLOW_TRACKING_USERNAME/PASSWORD of this process (which the MLflow client
+    and the stage subprocesses read), so the URI itself can be logged, passed and recorded.
 
     Never the CWD-relative ``sqlite:///mlflow.db`` or ``./mlruns`` defaults: stages, flows, workers and tests
     must agree on one store whatever their working directory.
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        uri, credentials = split_credentials(uri)  # the URI that is passed on and recorded carries none
+        os.environ.update(credentials)
         return uri
     return f"sqlite:///{Path(project).resolve() / 'mlflow.db'}"  # sqlite:////abs/path: four slashes
-
-
-def redact(uri: str) -> str:
-    """``uri`` fit for logs and results: any ``user:password@`` in it replaced by ``***@``.
-
-    Pass credentials to a team server through MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or _TOKEN), not in
-    the URI; if a URI carries them anyway, they never reach a log, a Prefect result or the repository.
-    """
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def artifact_location(uri: str, project: Path) -> str | None:
@@ -199,6 +192,28 @@ def read_history(path: Path) -> list[dict[str, float]]:
     return rows
 
 
+def scale_params(project: Path, scale: str, profile: str) -> dict[str, Any]:
+    """The parameters this scale's stages ran with: the ``resolved_params.json`` each wrote beside its output, and
+    the parameters the evaluate stage recorded in ``evaluation.json``.
+
+    Not ``params.yaml`` now: that may have changed since the stages ran. Sections shared by several stages
+    (``base``) are the same in each, so the union is one configuration.
+    """
+    resolved: dict[str, Any] = {"profile": profile}
+    files = [project / output / layout.RESOLVED for output in
+             (layout.PREPARED, layout.LATENTS, layout.CLASSIFIER,
+              *(layout.stage_dir(scale, stage) for stage in ("teacher", "distill", "samples")), layout.REPORTS)]
+    for path in [*files, project / layout.evaluation_file(scale)]:
+        if not path.is_file():
+            raise StageError(f"{path}: not found (the stage that writes it did not run)")
+        try:
+            params = json.loads(path.read_text())["params"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise StageError(f"{path}: not the resolved parameters of a stage ({type(e).__name__})") from None
+        resolved |= {k: v for k, v in params.items() if isinstance(v, dict)}  # the params sections, not paths
+    return resolved
+
+
 def dvc_lock_md5(project: Path) -> dict[str, str]:
     """``{"distill@cpu-s": md5 of its first output}`` from ``dvc.lock``."""
     path = project / "dvc.lock"
@@ -221,13 +236,15 @@ def log_scale(record: Record, project: Path, scale: str, resolved: dict[str, Any
               stages: list[str], register: bool = True, extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """A child run for ``scale`` under ``record``'s parent, from the files the stages left; returns its summary."""
     c = client(record.uri)
-    metrics_dir = project / "metrics" / scale
     stage_metrics = {}
     for stage in ("teacher", "distill", "evaluate"):
-        path = metrics_dir / f"{stage}.json"
+        path = project / layout.metrics_file(scale, stage)
         if not path.is_file():
             raise StageError(f"{path}: not found (the {stage} stage of {scale} did not run)")
-        stage_metrics[stage] = json.loads(path.read_text())
+        try:
+            stage_metrics[stage] = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StageError(f"{path}: not valid JSON ({e})") from None
     evaluation = stage_metrics["evaluate"]
     md5 = dvc_lock_md5(project)
     scale_stages = [s for s in stages if s.endswith(f"@{scale}")]
@@ -240,14 +257,14 @@ def log_scale(record: Record, project: Path, scale: str, resolved: dict[str, Any
     try:
         # Params: what this scale is, and every resolved hyperparameter.
         params = {"scale": scale, "n_params": stage_metrics["teacher"]["n_params"],
-                  **{k: evaluation[k] for k in ("nfe_teacher", "nfe_scm1", "nfe_scm2") if k in evaluation},
+                  **{k: evaluation[k] for k in map(layout.nfe, layout.METHODS) if k in evaluation},
                   **flatten(resolved)}
         log_params(record.uri, run_id, params)
 
         # Metrics: training curves per step, the evaluation, the stage summaries.
         rows: list[tuple[str, float, int]] = []
         for stage in ("teacher", "distill"):
-            for row in read_history(project / "plots" / scale / f"{stage}_history.csv"):
+            for row in read_history(project / layout.history_file(scale, stage)):
                 step = int(row.get("step", 0))
                 rows += [(f"{stage}/{k}", v, step) for k, v in row.items() if k != "step"]
         rows += [(k, v, 0) for k, v in numbers(evaluation).items()]
@@ -256,24 +273,24 @@ def log_scale(record: Record, project: Path, scale: str, resolved: dict[str, Any
         log_metrics(record.uri, run_id, rows)
 
         # Artifacts: sample grids, configuration, report, student weights.
-        for grid in sorted((project / "artifacts" / scale / "samples").glob("grid_*.png")):
+        for grid in sorted((project / layout.stage_dir(scale, "samples")).glob(layout.grid_file("*"))):
             c.log_artifact(run_id, str(grid), "samples")
         with tempfile.TemporaryDirectory() as tmp:
             cfg = Path(tmp) / "resolved_params.yaml"
             cfg.write_text(yaml.safe_dump(resolved, sort_keys=False))
             c.log_artifact(run_id, str(cfg), "config")
         for stage in ("teacher", "distill", "samples"):
-            prov = project / "artifacts" / scale / stage / "resolved_params.json"
+            prov = project / layout.stage_dir(scale, stage) / layout.RESOLVED
             if prov.is_file():
                 c.log_artifact(run_id, str(prov), f"config/{stage}")
-        for path in sorted(metrics_dir.glob("*.json")):
+        for path in sorted((project / layout.metrics_file(scale, "*")).parent.glob("*.json")):
             c.log_artifact(run_id, str(path), "metrics")
-        if (project / "reports" / "report.md").is_file():
-            c.log_artifact(run_id, str(project / "reports" / "report.md"), "report")
-        student = project / "artifacts" / scale / "distill" / "model.safetensors"
+        if (project / layout.REPORTS / layout.REPORT).is_file():
+            c.log_artifact(run_id, str(project / layout.REPORTS / layout.REPORT), "report")
+        student = project / layout.stage_dir(scale, "distill") / MODEL_FILE
         c.log_artifact(run_id, str(student), "student")
         summary = {"scale": scale, "run_id": run_id, "n_params": params["n_params"],
-                   **{k: evaluation.get(k) for k in ("fid_clf_teacher", "fid_clf_scm1", "fid_clf_scm2", "speedup_scm2")}}
+                   **{k: evaluation.get(k) for k in layout.HEADLINE}}
         if register:
             summary["model_version"] = register_student(record, run_id, scale, evaluation,
                                                          md5.get(f"distill@{scale}", ""))
@@ -292,7 +309,7 @@ def register_student(record: Record, run_id: str, scale: str, evaluation: dict[s
     """Register the child run's ``student/`` artifact directory as a version of ``scm-<profile>-<scale>-student``.
 
     A plain directory (``model.safetensors``, no MLflow flavour) registered with ``create_model_version`` from a
-    ``runs:/`` URI; ``models:/<name>/<version>`` then downloads it (``stages/fetch.py``, ``teacher.source``).
+    ``runs:/`` URI; ``models:/<name>/<version>`` then downloads it (``study/fetch.py``, ``teacher.source``).
     When the newest version already holds these exact weights (same DVC md5), it is reused.
     """
     from mlflow.exceptions import MlflowException
@@ -312,9 +329,7 @@ def register_student(record: Record, run_id: str, scale: str, evaluation: dict[s
             version = max(same, key=lambda v: int(v.version)).version
             c.set_tag(run_id, "scm.model_version", f"{name}/{version}")
             return str(version)
-    keep = ("fid_clf_teacher", "fid_clf_scm1", "fid_clf_scm2", "kid_clf_mean_scm2", "speedup_scm1", "speedup_scm2",
-            "nfe_teacher")
-    tags = {k: f"{evaluation[k]:.6g}" for k in keep if isinstance(evaluation.get(k), (int, float))}
+    tags = {k: f"{evaluation[k]:.6g}" for k in layout.HEADLINE if isinstance(evaluation.get(k), (int, float))}
     tags.update({"scale": scale, "profile": record.profile, "dvc.md5": md5})
     fid = lambda k: f"{evaluation[k]:.3f}" if isinstance(evaluation.get(k), (int, float)) else "n/a"
     description = (f"sCM student, scale {scale}: fid_clf 1-step {fid('fid_clf_scm1')}, 2-step {fid('fid_clf_scm2')} "
@@ -327,8 +342,9 @@ def register_student(record: Record, run_id: str, scale: str, evaluation: dict[s
 # --------------------------------------------------------------------------------------------------------------
 # Reading the record back: the cross-scale table.
 
-TABLE_METRICS = ("fid_clf_teacher", "fid_clf_scm1", "fid_clf_scm2", "fid_clf_ratio_scm2", "kid_clf_mean_scm2",
-                 "precision_clf_scm2", "recall_clf_scm2", "sec_per_image_teacher", "sec_per_image_scm2", "speedup_scm2")
+TABLE_METRICS = (*(layout.metric("fid_clf", m) for m in layout.METHODS), layout.ratio("scm2"),
+                 *(layout.metric(name, "scm2") for name in ("kid_clf_mean", "precision_clf", "recall_clf")),
+                 *(layout.metric("sec_per_image", m) for m in ("teacher", "scm2")), layout.speedup("scm2"))
 
 
 def search(uri: str, experiment_ids: list[str], filter_string: str):
@@ -389,9 +405,9 @@ def scaling_figure(table, title: str = "FID against parameter count"):
     for point, rows in groups:
         rows = rows.sort_values("n_params")
         n = rows["n_params"] / 1e6
-        for key, label, style in (("fid_clf_teacher", "teacher", "o-"), ("fid_clf_scm1", "sCM 1-step", "s--"),
-                                  ("fid_clf_scm2", "sCM 2-step", "^-")):
-            ax.plot(n, rows[key], style, label=f"{label} {point}".strip())
+        for method, label, style in (("teacher", "teacher", "o-"), ("scm1", "sCM 1-step", "s--"),
+                                     ("scm2", "sCM 2-step", "^-")):
+            ax.plot(n, rows[layout.metric("fid_clf", method)], style, label=f"{label} {point}".strip())
     ax.set_xscale("log")
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("FID (classifier features, fid_clf)")

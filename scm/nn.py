@@ -22,12 +22,14 @@ import contextlib
 import itertools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as nnf
 from torch import Tensor, nn
+
+from scm.scales import SCALES
 
 # ---------------------------------------------------------------------------------------------------------------
 # Primitives.
@@ -523,35 +525,7 @@ class AdaptiveWeight(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Named model scales.
-
-
-@dataclass(frozen=True)
-class Scale:
-    """A named U-Net width. CPU scales fit this project's 2-core default; S..XXL are the paper's widths."""
-
-    model_channels: int
-    channel_mult: tuple[int, ...]
-    num_blocks: int
-    attn_levels: tuple[int, ...] = ()
-    num_heads: int = 1
-    note: str = field(default="", compare=False)
-
-
-SCALES: dict[str, Scale] = {
-    # CPU scales for 28x28 pixels or 4x7x7 latents (this project's default study).
-    "cpu-xs": Scale(16, (1, 2), 1, note="CPU smoke / tiny"),
-    "cpu-s": Scale(32, (1, 2), 1, note="CPU default, small"),
-    "cpu-m": Scale(48, (1, 2), 2, attn_levels=(1,), note="CPU default, medium"),
-    "cpu-l": Scale(64, (1, 2, 2), 2, attn_levels=(1, 2), num_heads=2, note="CPU, large"),
-    # The paper's ImageNet widths (App. G, Table 4; EDM2 configs): 192/256/320/384/448 channels. Parameter counts
-    # of *this* U-Net at those widths differ from the paper's EDM2 networks (see README).
-    "S": Scale(192, (1, 2, 3, 4), 3, attn_levels=(2, 3), num_heads=3, note="paper S (IN512/IN64)"),
-    "M": Scale(256, (1, 2, 3, 4), 3, attn_levels=(2, 3), num_heads=4, note="paper M"),
-    "L": Scale(320, (1, 2, 3, 4), 3, attn_levels=(2, 3), num_heads=5, note="paper L"),
-    "XL": Scale(384, (1, 2, 3, 4), 3, attn_levels=(2, 3), num_heads=6, note="paper XL"),
-    "XXL": Scale(448, (1, 2, 3, 4), 3, attn_levels=(2, 3), num_heads=7, note="paper XXL"),
-}
+# Named model scales (the table: scm/scales.py).
 
 
 def unet_config(scale: str, *, in_channels: int, dropout: float = 0.0, num_classes: int = 0) -> UNetConfig:

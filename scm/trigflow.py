@@ -32,20 +32,8 @@ def check_sigma_data(sigma_data: float) -> None:
         raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}")
 
 
-def check_t(t: Tensor, name: str = "t") -> None:
-    """``t`` must be finite and inside [0, π/2]."""
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} must be finite, got non-finite values")
-    if (t < 0).any() or (t > math.pi / 2 + 1e-6).any():
-        raise ValueError(f"{name} must lie in [0, pi/2], got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
 
 
-def check_batch(x: Tensor, t: Tensor, name: str = "x") -> None:
-    """``x`` is (N, ...) and ``t`` is (N,) with the same N."""
-    if x.ndim < 2:
-        raise ValueError(f"{name} must have shape (N, ...) with at least 2 dims, got {tuple(x.shape)}")
-    if t.ndim != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(f"t must have shape ({x.shape[0]},) to match {name} {tuple(x.shape)}, got {tuple(t.shape)}")
 
 
 def check_finite(x: Tensor, name: str = "x0") -> None:
@@ -82,10 +70,6 @@ def t_max(sigma_data: float, sigma_max: float = SIGMA_MAX) -> float:
 # Forward process, velocity, consistency function.
 
 
-def sample_t(n: int, P_mean: float, P_std: float, sigma_data: float, *, generator: torch.Generator | None = None,
-             device: torch.device | str | None = None) -> Tensor:
-    """Log-normal time proposal (paper Alg. 1): τ ~ N(P_mean, P_std²), t = arctan(e^τ/σ_d)."""
-    return t_from_normal(torch.randn(n, generator=generator, device=device), P_mean, P_std, sigma_data)
 
 
 def t_from_normal(u: Tensor, P_mean: float, P_std: float, sigma_data: float) -> Tensor:

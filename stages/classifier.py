@@ -32,7 +32,7 @@ from torch import Tensor
 from study.classifier import WEIGHTS, Classifier, save_classifier
 from study.cli import add_params_args, cli, load_args
 from study.errors import StageError
-from study.files import atomic_output_dir, sha256_file, write_json, write_provenance
+from study.files import atomic_output_dir, check_paths, sha256_file, write_json, write_provenance
 from study.images import load_split
 from study.params import BaseParams, ClassifierParams, to_plain
 from study.runtime import setup_torch
@@ -170,7 +170,8 @@ def run(
         info["weights_sha256"] = sha256_file(tmp / WEIGHTS)
         write_json(tmp / "classifier.json", info)
         write_json(tmp / "metrics.json", {"accuracy": acc})
-        write_provenance(tmp, {"base": to_plain(base), "classifier": to_plain(params), "device": device})
+        write_provenance(tmp, {"base": to_plain(base), "classifier": to_plain(params), "device": device},
+                         seconds={"train": train_seconds})
     return {**info, "train_seconds": train_seconds}
 
 
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     params = load_args(args)
+    check_paths(inputs={"--data": args.data},
+                outputs={"--out": args.out})
     device = setup_torch(params.base)
     train, held_out = load_split(args.data, "train"), load_split(args.data, "eval")
     result = run(params.classifier, params.base, train, held_out, args.out, device=device, progress=True)

@@ -47,7 +47,7 @@ from PIL import Image
 
 from study.cli import add_params_args, cli, load_args
 from study.errors import StageError
-from study.files import atomic_output_dir, sha256_file, write_json, write_provenance
+from study.files import atomic_output_dir, check_paths, sha256_file, write_json, write_provenance
 from study.images import MANIFEST, PARQUET
 from study.params import DataParams, to_plain
 
@@ -341,9 +341,26 @@ def _pil_image(pool: Pool, i: int) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so a truncated file fails here, with its name
-            return im
     except Exception as e:
         raise StageError(f"{path}: not a readable image ({type(e).__name__}: {_one_line(e)})") from None
+    return _to_8bit(im, path)
+
+
+def _to_8bit(img: Image.Image, path: Path) -> Image.Image:
+    """16-bit grayscale scaled to 8 bits (v/257, rounded: 65535 -> 255); 32-bit int or float pixels only if in 0..255.
+
+    PIL's ``convert("L")`` clips 16-bit values at 255 instead of scaling them, which turns a 16-bit image white.
+    """
+    if img.mode.startswith("I;16"):
+        pixels = np.asarray(img, dtype=np.float64)  # (H, W), 0..65535
+        return Image.fromarray(np.rint(pixels / 257.0).astype(np.uint8), mode="L")
+    if img.mode in ("I", "F"):
+        pixels = np.asarray(img, dtype=np.float64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 255 or not np.isfinite(pixels).all()):
+            raise StageError(f"{path}: {img.mode!r} pixels range over [{pixels.min():g}, {pixels.max():g}], not 0..255 "
+                             "(convert the image to 8 or 16 bits per channel first)")
+        return Image.fromarray(np.rint(pixels).astype(np.uint8), mode="L")
+    return img
 
 
 def _convert(img: Image.Image, mode: str, size: tuple[int, int] | None) -> Image.Image:
@@ -418,6 +435,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     params = load_args(args)
+    check_paths(inputs={"data.root": params.data.root or None},
+                outputs={"--out": args.out})
     start = time.perf_counter()
     manifest = run(params.data, params.base.seed, args.out, progress=True)
     counts, shape = manifest["counts"], manifest["shape"]

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from scm.losses import SCMConfig, scm_loss
-from scm.nn import SCALES
+from scm.scales import SCALES
 from scm.trigflow import velocity
 from study import distributed
 from study.checkpoint import checkpoint_root, run_checkpointer
 from study.cli import add_params_args, add_training_args, cli, load_args
-from study.files import atomic_output_dir, write_json, write_provenance
+from study.files import atomic_output_dir, check_paths, write_json, write_provenance
 from study.latents import load_latents
 from study.models import MODEL_FILE, load_model, save_model
 from study.params import BaseParams, DistillParams, to_plain
@@ -68,8 +68,8 @@ def run(params: DistillParams, base: BaseParams, scale: str, latents_dir: Path, 
         objective=lambda net_dp, head_dp: lambda step, x0, noise: scm_loss(
             net_dp, x0, cfg=cfg, step=step, teacher=teacher_v, weight_head=head_dp, noise=noise, tangent_net=student),
         optimizer=lambda p: torch.optim.RAdam(p, lr=params.lr, betas=(0.9, 0.99), eps=1e-8))
-    ckpt = run_checkpointer(checkpoint_root, spec.name, params.checkpoint_every, params=params, base=base,
-                            inputs=[Path(latents_dir) / "latents.safetensors", Path(teacher_dir) / MODEL_FILE])
+    ckpt = run_checkpointer(checkpoint_root, spec.name, params.checkpoint_every, stage="distill", params=params,
+                            base=base, inputs=[Path(latents_dir) / "latents.safetensors", Path(teacher_dir) / MODEL_FILE])
     result = train(student, spec, data.train, dist=dist, checkpoint=ckpt, progress=progress)
     if not dist.is_main:
         return None
@@ -78,15 +78,16 @@ def run(params: DistillParams, base: BaseParams, scale: str, latents_dir: Path, 
         save_model(tmp / MODEL_FILE, result.ema.net, {**meta, "role": f"student-{params.method}"})
         write_provenance(tmp, {"base": to_plain(base), "distill": to_plain(params), "scale": scale,
                                "teacher": str(teacher_dir), "latents": str(latents_dir), "device": device,
-                               "world_size": dist.world_size})
-    last = result.history[-1]
-    metrics = {"scale": scale, "method": params.method, "n_params": meta["n_params"], "final_loss": last["loss"],
-               "final_g_norm": last.get("g_norm"), "final_r": last.get("r"),
-               "nonfinite_samples": sum(r.get("nonfinite", 0) for r in result.history),
-               "skipped_steps": result.skipped_steps, "resumed_from_step": result.resumed_from,
-               "train_seconds": round(result.seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2)}
-    write_json(metrics_path, metrics)
-    write_history(history_path, result.history)
+                               "world_size": dist.world_size}, seconds={"train": result.seconds})
+        # The metrics and the curve last, still inside: if either cannot be written, the old model stays too.
+        last = result.history[-1]
+        metrics = {"scale": scale, "method": params.method, "n_params": meta["n_params"], "final_loss": last["loss"],
+                   "final_g_norm": last.get("g_norm"), "final_r": last.get("r"),
+                   "nonfinite_samples": sum(r.get("nonfinite", 0) for r in result.history),
+                   "skipped_steps": result.skipped_steps, "resumed_from_step": result.resumed_from,
+                   "train_seconds": round(result.seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2)}
+        write_json(metrics_path, metrics)
+        write_history(history_path, result.history)
     ckpt.clear()
     return metrics
 
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--teacher", type=Path, required=True, help="teacher stage output directory")
     args = parser.parse_args(argv)
     p = load_args(args)
+    check_paths(inputs={"--latents": args.latents, "--teacher": args.teacher},
+                outputs={"--out": args.out, "--metrics": args.metrics, "--history": args.history})
     m = distributed.run_on_ranks(p.base, lambda dist, device: run(
         p.distill, p.base, args.scale, args.latents, args.teacher, args.out, args.metrics, args.history, device=device,
         dist=dist, checkpoint_root=checkpoint_root(p.base)))

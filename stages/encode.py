@@ -6,7 +6,8 @@ Consumes ``data/prepared`` (``images.parquet`` + ``manifest.json``, written by `
 - ``latents.safetensors``: ``train`` / ``eval`` float32 N×C'×H'×W' latents and ``train_labels`` / ``eval_labels``;
 - ``codec.json`` (kind, image and latent shapes, per-channel μ_c and σ_c, σ_d) and, unless the codec is the
   identity, ``codec/``: the AutoencoderKL in diffusers format;
-- ``recon_grid.png`` (eval originals above their reconstructions), ``metrics.json``, ``resolved_params.json``.
+- ``recon_grid.png`` (eval originals above their reconstructions), ``metrics.json``, ``resolved_params.json`` and
+  ``provenance.json`` (git commit, timings; outside the output's DVC hash).
 
 ``encode.codec`` picks the codec. ``identity`` stays in pixel space, as the paper's CIFAR-10 and ImageNet-64 runs do.
 ``pretrained`` loads an AutoencoderKL such as ``stabilityai/sd-vae-ft-mse``, as the ImageNet-512 runs do. ``train``,
@@ -18,7 +19,6 @@ assumes. Later stages read the codec with :func:`study.codec.load_codec`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -31,10 +31,10 @@ from torch import Tensor
 
 from study.checkpoint import Checkpointer, checkpoint_root, failpoint, run_checkpointer
 from study.cli import add_params_args, cli, load_args
-from study.codec import Codec, resize, standardise, to_unit, vae_size
+from study.codec import Codec, load_autoencoder, resize, standardise, to_unit, vae_size
 from study.errors import StageError
-from study.files import atomic_output_dir, write_json, write_provenance
-from study.images import MANIFEST, PARQUET, SPLITS, load_split, save_grid
+from study.files import atomic_output_dir, check_paths, write_json, write_provenance
+from study.images import MANIFEST, PARQUET, SPLITS, load_split, read_manifest, save_grid
 from study.params import BaseParams, EncodeParams, to_plain
 from study.runtime import setup_torch
 
@@ -105,7 +105,10 @@ def train_autoencoder(images: Tensor, params: EncodeParams, seed: int,
     first_step, seconds_before = 0, 0.0
 
     # Resume from this run's last checkpoint, if any.
-    state = checkpoint.restore() if checkpoint is not None else None
+    expected = {"step": 0, "vae": vae.state_dict(),
+                "optimizer": {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]},
+                "generator": generator.get_state(), "order": None, "seconds": 0.0}
+    state = checkpoint.restore(expected) if checkpoint is not None else None
     for note in checkpoint.notes if checkpoint is not None else []:
         tqdm.write(f"encode: {note}", file=sys.stderr)
     if state is not None:
@@ -150,9 +153,7 @@ def train_autoencoder(images: Tensor, params: EncodeParams, seed: int,
 
 
 def load_pretrained(name: str) -> AutoencoderKL:
-    """``AutoencoderKL.from_pretrained`` on a local diffusers directory or a Hugging Face hub id."""
-    from diffusers import AutoencoderKL
-
+    """``AutoencoderKL.from_pretrained`` on a local diffusers directory or a Hugging Face hub id (safetensors only)."""
     path = Path(name).expanduser()
     local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
     if local and not path.is_dir():
@@ -160,12 +161,8 @@ def load_pretrained(name: str) -> AutoencoderKL:
     if local and not (path / "config.json").is_file():
         raise StageError(f"encode.pretrained: {path / 'config.json'}: not found "
                          "(expected an AutoencoderKL saved with save_pretrained)")
-    try:
-        return AutoencoderKL.from_pretrained(path if local else name, low_cpu_mem_usage=False)
-    except (OSError, ValueError) as e:
-        where = str(path) if local else f"hub id {name!r}"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise StageError(f"encode.pretrained: cannot load an AutoencoderKL from {where} ({reason})") from None
+    where = str(path) if local else f"hub id {name!r}"
+    return load_autoencoder(path if local else name, who=f"encode.pretrained: {where}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -180,10 +177,7 @@ def read_prepared(prepared_dir: Path) -> tuple[tuple[int, int, int], dict[str, t
     for path in (manifest_path, parquet_path):
         if not path.is_file():
             raise StageError(f"{path}: not found (run the data stage first)")
-    try:
-        image_shape = tuple(int(s) for s in json.loads(manifest_path.read_text())["shape"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise StageError(f"{manifest_path}: expected JSON with \"shape\": [C, H, W] ({type(e).__name__}: {e})") from None
+    image_shape = tuple(read_manifest(prepared_dir)["shape"])
     if len(image_shape) != 3 or image_shape[0] not in (1, 3):
         raise StageError(f"{manifest_path}: expected \"shape\": [C, H, W] with C 1 or 3, got {list(image_shape)}")
 
@@ -217,8 +211,8 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
     vae = None
     ckpt = None
     if params.codec == "train":
-        ckpt = run_checkpointer(checkpoint_root, "encode", params.checkpoint_every, params=params, base=base,
-                                inputs=sorted(prepared_dir.glob("*.parquet")))
+        ckpt = run_checkpointer(checkpoint_root, "encode", params.checkpoint_every, stage="encode", params=params,
+                                base=base, inputs=sorted(prepared_dir.glob("*.parquet")))
         vae, train_seconds = train_autoencoder(splits["train"][0].to(device), params, base.seed, ckpt)
     elif params.codec == "pretrained":
         vae = load_pretrained(params.pretrained).to(device).eval()
@@ -256,7 +250,6 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
         "recon_mse": recon_mse,
         "recon_psnr_db": psnr_db(recon_mse),
         "latent_shape": list(codec.latent_shape),
-        "train_seconds": round(train_seconds, 2),
     }
 
     # Write everything, or nothing.
@@ -279,10 +272,12 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
         save_grid(tmp / "recon_grid.png", torch.cat([originals[:shown], reconstructions[:shown]]), columns)
         write_json(tmp / "metrics.json", metrics)
         resolved = {"base": to_plain(base), "encode": to_plain(params)}
-        write_provenance(tmp, {**resolved, "data": str(prepared_dir), "out": str(out_dir), "device": device})
+        write_provenance(tmp, {**resolved, "data": str(prepared_dir), "out": str(out_dir), "device": device},
+                         seconds={"train": train_seconds})
     if ckpt is not None:
         ckpt.clear()
-    return {"codec": params.codec, "n_train": len(latents["train"]), "n_eval": len(latents["eval"]), **metrics}
+    return {"codec": params.codec, "n_train": len(latents["train"]), "n_eval": len(latents["eval"]), **metrics,
+            "train_seconds": round(train_seconds, 2)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -297,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     params = load_args(args)
+    check_paths(inputs={"--data": args.data},
+                outputs={"--out": args.out})
     device = setup_torch(params.base)
     result = run(params.encode, params.base, args.data, args.out, device=device, checkpoint_root=checkpoint_root(params.base))
     shape = "×".join(map(str, result["latent_shape"]))

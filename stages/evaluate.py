@@ -14,25 +14,27 @@ batch, back to back in one process after a warm-up (medians over repeats), the d
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from scm.samplers import noise_from_seeds
+from study import layout
 from study.classifier import held_out_accuracy
 from study.cli import add_params_args, cli, load_args
 from study.codec import Codec, load_codec
 from study.errors import StageError
 from study.fidelity import compute_quality, summarise_seeds
-from study.files import write_json
+from study.files import check_paths, read_tensors, write_json
 from study.images import load_split
-from study.params import BaseParams, EvaluateParams, SampleParams
+from study.params import BaseParams, EvaluateParams, SampleParams, to_plain
 from study.runtime import setup_torch
-from study.sampling import METHODS, Sampler, build_samplers, load_models
+from study.layout import METHODS
+from study.sampling import Sampler, build_samplers, load_models
 
 QUALITY_METHODS = (*METHODS, "recon")
 
@@ -65,16 +67,16 @@ def measure_speed(samplers: dict[str, Sampler], codec: Codec, shape: tuple[int, 
     out: dict[str, Any] = {"batch_size": batch_size, "repeats": repeats, "device": str(device)}
     nfe_teacher = samplers["teacher"].nfe
     for m in METHODS:
-        out[f"sec_per_image_{m}"] = spi[m] + spi["decoder"]
+        out[layout.metric("sec_per_image", m)] = spi[m] + spi["decoder"]
         out[f"images_per_s_{m}"] = 1 / (spi[m] + spi["decoder"])
         out[f"sampler_sec_per_image_{m}"] = spi[m]
-        out[f"nfe_{m}"] = samplers[m].nfe
+        out[layout.nfe(m)] = samplers[m].nfe
     out["decoder_sec_per_image"] = spi["decoder"]
-    for m in ("scm1", "scm2"):
+    for m in layout.STUDENTS:
         speedup = spi["teacher"] / spi[m]
-        out[f"speedup_{m}"] = speedup  # sampler only (the decoder is the same for every sampler)
-        out[f"speedup_{m}_with_decoder"] = (spi["teacher"] + spi["decoder"]) / (spi[m] + spi["decoder"])
-        out[f"speedup_{m}_fraction_of_nfe_ratio"] = speedup / (nfe_teacher / samplers[m].nfe)
+        out[layout.speedup(m)] = speedup  # sampler only (the decoder is the same for every sampler)
+        out[f"{layout.speedup(m)}_with_decoder"] = (spi["teacher"] + spi["decoder"]) / (spi[m] + spi["decoder"])
+        out[f"{layout.speedup(m)}_fraction_of_nfe_ratio"] = speedup / (nfe_teacher / samplers[m].nfe)
     return out
 
 
@@ -84,11 +86,12 @@ def run(params: EvaluateParams, sample_params: SampleParams, base: BaseParams, s
         progress: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     reference, _ = load_split(prepared_dir, "eval")
-    samples_file = Path(samples_dir) / "samples.safetensors"
-    if not samples_file.is_file():
-        raise StageError(f"{samples_file}: not found (run the sample stage for scale {scale!r} first)")
-    samples = load_file(str(samples_file))
-    seed_sets = sorted(int(k.split("_s")[1]) for k in samples if k.startswith("seeds_s"))
+    samples_file = Path(samples_dir) / layout.SAMPLES_FILE
+    samples = read_tensors(samples_file, hint=f"run the sample stage for scale {scale!r} first")
+    seed_sets = sorted(int(k.split("_s")[1]) for k in samples if re.fullmatch(r"seeds_s\d+", k))
+    missing = [f"{m}_s{k}" for k in seed_sets for m in METHODS if f"{m}_s{k}" not in samples]
+    if not seed_sets or missing:
+        raise StageError(f"{samples_file}: not written by the sample stage (no seed sets, or missing {missing[:3]})")
     codec = load_codec(latents_dir, device=device)
     recon = codec.decode(codec.encode(reference.to(device))).cpu()
 
@@ -123,12 +126,13 @@ def run(params: EvaluateParams, sample_params: SampleParams, base: BaseParams, s
     for m in QUALITY_METHODS:
         for name, s in summary[m].items():
             if isinstance(s, dict) and s["mean"] is not None:
-                flat[f"{name}_{m}"] = s["mean"]
+                flat[layout.metric(name, m)] = s["mean"]
                 if s["std"] is not None and name.startswith("fid"):
-                    flat[f"{name}_{m}_std"] = s["std"]
-    for m in ("scm1", "scm2"):
-        if flat.get("fid_clf_teacher"):
-            flat[f"fid_clf_ratio_{m}"] = flat[f"fid_clf_{m}"] / flat["fid_clf_teacher"]
+                    flat[layout.metric_std(name, m)] = s["std"]
+    teacher_fid = flat.get(layout.metric("fid_clf", "teacher"))
+    for m in layout.STUDENTS:
+        if teacher_fid:
+            flat[layout.ratio(m)] = flat[layout.metric("fid_clf", m)] / teacher_fid
     flat |= {k: v for k, v in speed.items() if isinstance(v, (int, float))}
     flat["clf_accuracy"] = held_out_accuracy(classifier_dir)  # how good the fid_clf feature extractor is
     flat["inception_status"] = inception_status
@@ -139,7 +143,9 @@ def run(params: EvaluateParams, sample_params: SampleParams, base: BaseParams, s
                                     f"{flat['clf_accuracy']})", "inception": inception_status},
                 "kid_subset_size": params.kid_subset_size, "speed": "median seconds per image over repeats, batch "
                 f"{speed['batch_size']}, after one warm-up, samplers interleaved; decoder timed separately"}
-    write_json(details_path, {"protocol": protocol, "summary": summary, "per_seed": per_seed, "speed": speed})
+    write_json(details_path, {"protocol": protocol, "summary": summary, "per_seed": per_seed, "speed": speed,
+                              "params": {"base": to_plain(base), "sample": to_plain(sample_params),
+                                         "evaluate": to_plain(params)}})
     write_json(metrics_path, flat)
     return flat
 
@@ -149,17 +155,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_params_args(parser)
     parser.add_argument("--scale", required=True)
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--latents", type=Path, default=Path("data/latents"))
+    parser.add_argument("--data", type=Path, default=Path(layout.PREPARED))
+    parser.add_argument("--latents", type=Path, default=Path(layout.LATENTS))
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--student", type=Path, required=True)
     parser.add_argument("--samples", type=Path, required=True)
-    parser.add_argument("--classifier", type=Path, default=Path("artifacts/classifier"))
+    parser.add_argument("--classifier", type=Path, default=Path(layout.CLASSIFIER))
     parser.add_argument("--metrics", type=Path, required=True, help="flat metrics JSON (dvc metrics)")
     parser.add_argument("--details", type=Path, required=True, help="full evaluation JSON")
-    parser.add_argument("--cache", type=Path, default=Path(".cache/fidelity"), help="torch-fidelity statistics cache")
+    parser.add_argument("--cache", type=Path, default=Path(".cache/fidelity"), help="cache of the reference images' features (safetensors)")
     args = parser.parse_args(argv)
     p = load_args(args)
+    check_paths(inputs={"--data": args.data, "--latents": args.latents, "--teacher": args.teacher, "--student": args.student,
+                 "--samples": args.samples, "--classifier": args.classifier},
+                outputs={"--metrics": args.metrics, "--details": args.details, "--cache": args.cache})
     device = setup_torch(p.base)
     m = run(p.evaluate, p.sample, p.base, args.scale, prepared_dir=args.data, latents_dir=args.latents,
             teacher_dir=args.teacher, student_dir=args.student, samples_dir=args.samples, classifier_dir=args.classifier,

@@ -17,7 +17,8 @@ from typing import Any
 
 from study.cli import add_params_args, cli, load_args
 from study.errors import StageError
-from study.files import atomic_output_dir, write_json, write_provenance
+from study import layout
+from study.files import atomic_output_dir, check_paths, write_json, write_provenance
 from study.params import BaseParams, ReportParams, to_plain
 
 STAGES = ("teacher", "distill", "evaluate")
@@ -26,7 +27,13 @@ STAGES = ("teacher", "distill", "evaluate")
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise StageError(f"{path}: not found (run the pipeline up to evaluate for this scale)")
-    return json.loads(path.read_text())
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(metrics, dict):
+        raise StageError(f"{path}: expected a JSON object of metrics")
+    return metrics
 
 
 def _read_csv(path: Path) -> list[dict[str, float]]:
@@ -36,28 +43,24 @@ def _read_csv(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
-def summarise(scale: str, metrics_dir: Path, sample_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One scale's entry of ``summary.json``."""
-    m = {s: _read_json(metrics_dir / scale / f"{s}.json") for s in STAGES}
+def summarise(scale: str, metrics_dir: Path) -> dict[str, Any]:
+    """One scale's entry of ``summary.json``, from the metrics files of its stages."""
+    m = {s: _read_json(layout.metrics_file(scale, s, metrics_dir)) for s in STAGES}
     ev = m["evaluate"]
-    get = lambda k: ev.get(k)
+    each = lambda key, methods=layout.METHODS: {k: ev.get(key(k)) for k in methods}
     return {
         "scale": scale,
         "n_params": m["teacher"]["n_params"],
         "distill_method": m["distill"].get("method"),
-        "teacher_nfe": get("nfe_teacher"),
-        "clf_accuracy": get("clf_accuracy"),
-        "fid_clf": {"teacher": get("fid_clf_teacher"), "scm1": get("fid_clf_scm1"), "scm2": get("fid_clf_scm2"),
-                    "recon": get("fid_clf_recon")},
-        "fid_clf_std": {"teacher": get("fid_clf_teacher_std"), "scm1": get("fid_clf_scm1_std"), "scm2": get("fid_clf_scm2_std")},
-        "fid_clf_ratio": {"scm1": get("fid_clf_ratio_scm1"), "scm2": get("fid_clf_ratio_scm2")},
-        "fid_inception": {"teacher": get("fid_inception_teacher"), "scm1": get("fid_inception_scm1"),
-                          "scm2": get("fid_inception_scm2"), "status": get("inception_status")},
-        "sec_per_image": {"teacher": get("sec_per_image_teacher"), "scm1": get("sec_per_image_scm1"),
-                          "scm2": get("sec_per_image_scm2"), "decoder": get("decoder_sec_per_image")},
-        "speedup": {"scm1": get("speedup_scm1"), "scm2": get("speedup_scm2")},
-        "speedup_fraction_of_nfe_ratio": {"scm1": get("speedup_scm1_fraction_of_nfe_ratio"),
-                                          "scm2": get("speedup_scm2_fraction_of_nfe_ratio")},
+        "teacher_nfe": ev.get(layout.nfe("teacher")),
+        "clf_accuracy": ev.get("clf_accuracy"),
+        "fid_clf": each(lambda k: layout.metric("fid_clf", k), (*layout.METHODS, "recon")),
+        "fid_clf_std": each(lambda k: layout.metric_std("fid_clf", k)),
+        "fid_clf_ratio": each(layout.ratio, layout.STUDENTS),
+        "fid_inception": {**each(lambda k: layout.metric("fid_inception", k)), "status": ev.get("inception_status")},
+        "sec_per_image": {**each(lambda k: layout.metric("sec_per_image", k)), "decoder": ev.get("decoder_sec_per_image")},
+        "speedup": each(layout.speedup, layout.STUDENTS),
+        "speedup_fraction_of_nfe_ratio": each(lambda k: f"{layout.speedup(k)}_fraction_of_nfe_ratio", layout.STUDENTS),
         "wall_seconds": {s: m[s].get("wall_seconds") for s in STAGES},
     }
 
@@ -151,18 +154,19 @@ def markdown(entries: list[dict[str, Any]], title: str) -> str:
 def run(params: ReportParams, base: BaseParams, *, metrics_dir: Path, plots_dir: Path,
         artifacts_dir: Path, out_dir: Path, latents_dir: Path | None = None) -> dict[str, Any]:
     entries = [summarise(s, metrics_dir) for s in base.scales]
-    histories = {s: {st: _read_csv(plots_dir / s / f"{st}_history.csv") for st in ("teacher", "distill")} for s in base.scales}
+    histories = {s: {st: _read_csv(layout.history_file(s, st, plots_dir)) for st in ("teacher", "distill")}
+                 for s in base.scales}
     with atomic_output_dir(out_dir) as tmp:
-        write_json(tmp / "summary.json", {"scales": entries})
+        write_json(tmp / layout.SUMMARY, {"scales": entries})
         plot_scaling(entries, tmp / "fid_vs_params.png")
         plot_losses(histories, tmp / "loss_curves.png")
         for s in base.scales:
-            grids = [artifacts_dir / s / "samples" / f"grid_{m}.png" for m in ("teacher", "scm1", "scm2")]
+            grids = [layout.stage_dir(s, "samples", artifacts_dir) / layout.grid_file(m) for m in layout.METHODS]
             missing = [g for g in grids if not g.is_file()]
             if missing:
                 raise StageError(f"{missing[0]}: not found (run the sample stage for scale {s!r})")
             side_by_side(grids, tmp / f"samples_{s}.png")
-        (tmp / "report.md").write_text(markdown(entries, params.title))
+        (tmp / layout.REPORT).write_text(markdown(entries, params.title))
         if latents_dir is not None and (Path(latents_dir) / "recon_grid.png").is_file():
             shutil.copyfile(Path(latents_dir) / "recon_grid.png", tmp / "recon_grid.png")
         write_provenance(tmp, {"base": to_plain(base), "report": to_plain(params)})
@@ -173,13 +177,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_params_args(parser)
-    parser.add_argument("--metrics", type=Path, default=Path("metrics"))
-    parser.add_argument("--plots", type=Path, default=Path("plots"))
-    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    parser.add_argument("--latents", type=Path, default=Path("data/latents"), help="for the reconstruction grid")
-    parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--metrics", type=Path, default=Path(layout.METRICS))
+    parser.add_argument("--plots", type=Path, default=Path(layout.PLOTS))
+    parser.add_argument("--artifacts", type=Path, default=Path(layout.ARTIFACTS))
+    parser.add_argument("--latents", type=Path, default=Path(layout.LATENTS), help="for the reconstruction grid")
+    parser.add_argument("--out", type=Path, default=Path(layout.REPORTS))
     args = parser.parse_args(argv)
     p = load_args(args)
+    check_paths(inputs={"--metrics": args.metrics, "--plots": args.plots, "--artifacts": args.artifacts, "--latents": args.latents},
+                outputs={"--out": args.out})
     out = run(p.report, p.base, metrics_dir=args.metrics, plots_dir=args.plots, artifacts_dir=args.artifacts, out_dir=args.out,
               latents_dir=args.latents)
     for e in out["scales"]:

@@ -2,8 +2,8 @@
 
 Consumes ``data/latents`` (the codec), ``artifacts/<scale>/teacher`` and ``artifacts/<scale>/distill``. Produces
 ``artifacts/<scale>/samples/``: ``samples.safetensors`` (uint8 images ``<method>_s<k>`` and their per-image seeds
-``seeds_s<k>`` for each seed set k), a grid PNG per method, ``sampling.json`` (times, NFE) and
-``resolved_params.json``. Image i of seed set k has seed k·10⁶ + i, so every image can be regenerated alone.
+``seeds_s<k>`` for each seed set k), a grid PNG per method, ``sampling.json`` (NFE, times t), ``resolved_params.json``
+and ``provenance.json`` (git commit, seconds per method; outside the output's DVC hash). Image i of seed set k has seed k·10⁶ + i, so every image can be regenerated alone.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from torch import Tensor
 
 from study.cli import add_params_args, cli, load_args
 from study.codec import load_codec
-from study.files import atomic_output_dir, write_json, write_provenance
+from study import layout
+from study.files import atomic_output_dir, check_paths, write_json, write_provenance
 from study.images import save_grid
 from study.params import BaseParams, SampleParams, to_plain
 from study.runtime import setup_torch
-from study.sampling import METHODS, build_samplers, generate, load_models, seeds_of
+from study.layout import METHODS
+from study.sampling import build_samplers, generate, load_models, seeds_of
 
 
 def run(params: SampleParams, base: BaseParams, scale: str, latents_dir: Path, teacher_dir: Path,
@@ -45,19 +47,18 @@ def run(params: SampleParams, base: BaseParams, scale: str, latents_dir: Path, t
                                             batch_size=params.batch_size, device=device, progress=progress)
             seconds[m] += time.perf_counter() - t0
     info = {"scale": scale, "num_samples": params.num_samples, "seed_sets": params.seed_sets,
-            "nfe": {m: samplers[m].nfe for m in METHODS}, "ts": {m: samplers[m].ts for m in METHODS},
-            "generate_seconds": {m: round(s, 3) for m, s in seconds.items()},
-            "wall_seconds": round(time.perf_counter() - start, 2)}
+            "nfe": {m: samplers[m].nfe for m in METHODS}, "ts": {m: samplers[m].ts for m in METHODS}}
+    seconds |= {"wall": time.perf_counter() - start}
     with atomic_output_dir(out_dir) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "samples.safetensors"))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / layout.SAMPLES_FILE))
         n = min(params.grid_size, params.num_samples)
         columns = max(1, int(n**0.5))
         for m in METHODS:
-            save_grid(tmp / f"grid_{m}.png", tensors[f"{m}_s0"][: n // columns * columns], columns)
+            save_grid(tmp / layout.grid_file(m), tensors[f"{m}_s0"][: n // columns * columns], columns)
         write_json(tmp / "sampling.json", info)
         write_provenance(tmp, {"base": to_plain(base), "sample": to_plain(params), "scale": scale,
-                               "device": device})
-    return info
+                               "device": device}, seconds=seconds)
+    return {**info, "wall_seconds": round(seconds["wall"], 2)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     p = load_args(args)
+    check_paths(inputs={"--latents": args.latents, "--teacher": args.teacher, "--student": args.student},
+                outputs={"--out": args.out})
     device = setup_torch(p.base)
     info = run(p.sample, p.base, args.scale, args.latents, args.teacher, args.student, args.out, device=device)
     print(f"sample-{args.scale}: {info['seed_sets']} x {info['num_samples']} images per method, NFE {info['nfe']}, "

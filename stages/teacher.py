@@ -18,13 +18,13 @@ from typing import Any
 import torch
 
 from scm.losses import diffusion_loss
-from scm.nn import SCALES
+from scm.scales import SCALES
 from study import distributed
 from study.checkpoint import checkpoint_root, run_checkpointer
 from study.cli import add_params_args, add_training_args, cli, load_args
 from study.errors import StageError
 from study.fetch import fetch
-from study.files import atomic_output_dir, write_json, write_provenance
+from study.files import atomic_output_dir, check_paths, redact, write_json, write_provenance
 from study.latents import load_latents
 from study.models import MODEL_FILE, build_net, load_model, save_model
 from study.params import BaseParams, TeacherParams, to_plain
@@ -55,8 +55,8 @@ def run(params: TeacherParams, base: BaseParams, scale: str, latents_dir: Path, 
                 net_dp, x0, sigma_data=base.sigma_data, P_mean=params.P_mean, P_std=params.P_std, weight_head=head_dp,
                 noise=noise),
             optimizer=lambda p: torch.optim.Adam(p, lr=params.lr, betas=(0.9, 0.999), eps=1e-8))
-        ckpt = run_checkpointer(checkpoint_root, spec.name, params.checkpoint_every, params=params, base=base,
-                                inputs=[Path(latents_dir) / "latents.safetensors"])
+        ckpt = run_checkpointer(checkpoint_root, spec.name, params.checkpoint_every, stage="teacher", params=params,
+                                base=base, inputs=[Path(latents_dir) / "latents.safetensors"])
         result = train(net, spec, data.train, dist=dist, checkpoint=ckpt, progress=progress)
     if not dist.is_main:
         return None
@@ -66,19 +66,22 @@ def run(params: TeacherParams, base: BaseParams, scale: str, latents_dir: Path, 
             save_model(tmp / MODEL_FILE, result.ema.net, meta)
         else:
             fetch(params.source, params.sha256, tmp / MODEL_FILE)
-            load_model(tmp, expect_shape=data.shape, expect_scale=scale, name=f"teacher.source={params.source!r}")  # refuse a teacher of another scale/shape
+            load_model(tmp, expect_shape=data.shape, expect_scale=scale,  # refuse a teacher of another scale/shape
+                       name=f"teacher.source={redact(params.source)!r}")
         _, meta = load_model(tmp)
         write_provenance(tmp, {"base": to_plain(base), "teacher": to_plain(params), "scale": scale,
-                               "latents": str(latents_dir), "device": device, "world_size": dist.world_size})
-    history = result.history if result is not None else []
-    metrics = {"scale": scale, "n_params": meta["n_params"], "source": params.source,
-               "final_loss": history[-1]["loss"] if history else None,
-               "train_seconds": round(result.seconds, 2) if result is not None else 0.0,
-               "skipped_steps": result.skipped_steps if result is not None else 0,
-               "resumed_from_step": result.resumed_from if result is not None else 0,
-               "wall_seconds": round(time.perf_counter() - start, 2)}
-    write_json(metrics_path, metrics)
-    write_history(history_path, history or [{"step": 0}])
+                               "latents": str(latents_dir), "device": device, "world_size": dist.world_size},
+                         seconds={"train": result.seconds} if result is not None else None)
+        # The metrics and the curve last, still inside: if either cannot be written, the old model stays too.
+        history = result.history if result is not None else []
+        metrics = {"scale": scale, "n_params": meta["n_params"], "source": redact(params.source),
+                   "final_loss": history[-1]["loss"] if history else None,
+                   "train_seconds": round(result.seconds, 2) if result is not None else 0.0,
+                   "skipped_steps": result.skipped_steps if result is not None else 0,
+                   "resumed_from_step": result.resumed_from if result is not None else 0,
+                   "wall_seconds": round(time.perf_counter() - start, 2)}
+        write_json(metrics_path, metrics)
+        write_history(history_path, history or [{"step": 0}])
     if ckpt is not None:
         ckpt.clear()
     return metrics
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_training_args(parser, SCALES)
     args = parser.parse_args(argv)
     p = load_args(args)
+    check_paths(inputs={"--latents": args.latents},
+                outputs={"--out": args.out, "--metrics": args.metrics, "--history": args.history})
     m = distributed.run_on_ranks(p.base, lambda dist, device: run(
         p.teacher, p.base, args.scale, args.latents, args.out, args.metrics, args.history, device=device, dist=dist,
         checkpoint_root=checkpoint_root(p.base)))

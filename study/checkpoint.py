@@ -2,8 +2,9 @@
 
 A checkpoint is one safetensors file. Its tensors are every tensor of the training state (network, w_φ head, EMA,
 optimiser moments, RNG states, the minibatch order); its metadata holds the JSON of everything else (step, history,
-optimiser hyper-parameters) and a fingerprint of the run: the parameters and the inputs' hashes. Loading therefore
-runs no code, and a checkpoint of another run (other parameters, other data, another scale) is never resumed.
+optimiser hyper-parameters) and a fingerprint of the run: the parameters, the inputs' hashes, the hash of the
+stage's code and the torch version. Loading therefore runs no code, and a checkpoint of another run (other
+parameters, other data, another scale, other code) is never resumed.
 
 Where: ``<base.checkpoint_dir>/<stage>-<scale>/`` under the project, outside every DVC output (DVC deletes a stage's
 outputs before running it) and ignored by git and DVC. ``last.safetensors`` is replaced atomically: written to a
@@ -35,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from study.files import project_root, sha256_file
+from study.imports import code_hash
 from study.params import to_plain
 
 
@@ -110,6 +112,39 @@ def fingerprint(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def state_mismatch(found: Any, expected: Any, path: str = "") -> str | None:
+    """Why ``found`` does not fit ``expected`` (a key missing, a tensor of another shape or dtype), or None.
+
+    Mappings must hold every key of ``expected`` and no other (an empty ``expected`` mapping stands for contents that
+    vary, such as an optimiser's state); lists must have its length; tensors its shape and dtype. ``None`` in
+    ``expected`` accepts anything; other values may differ.
+    """
+    where = path or "/"
+    if expected is None:
+        return None
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(found, torch.Tensor):
+            return f"{where}: not a tensor"
+        if found.shape != expected.shape or found.dtype != expected.dtype:
+            return (f"{where}: {found.dtype} {tuple(found.shape)}, this run has {expected.dtype} "
+                    f"{tuple(expected.shape)}")
+        return None
+    if isinstance(expected, dict):
+        if not isinstance(found, dict):
+            return f"{where}: not a mapping"
+        missing = [k for k in expected if k not in found]
+        if missing:
+            return f"{path}/{missing[0]}: missing"
+        if expected and set(found) - set(expected):
+            return f"{path}/{sorted(map(str, set(found) - set(expected)))[0]}: not in this run"
+        return next((m for k, v in expected.items() if (m := state_mismatch(found[k], v, f"{path}/{k}"))), None)
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(found, (list, tuple)) or len(found) != len(expected):
+            return f"{where}: {len(found) if isinstance(found, (list, tuple)) else 'no'} entries, this run has {len(expected)}"
+        return next((m for i, (a, b) in enumerate(zip(found, expected)) if (m := state_mismatch(a, b, f"{path}/{i}"))), None)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Save and restore.
 
@@ -177,8 +212,13 @@ class Checkpointer:
     def enabled(self) -> bool:
         return self.directory is not None and self.every > 0
 
-    def restore(self) -> dict[str, Any] | None:
-        """The newest good checkpoint of this run (``last``, else ``prev``), or None."""
+    def restore(self, expected: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The newest good checkpoint of this run (``last``, else ``prev``), or None.
+
+        With ``expected`` (the state this run would save, or the part of it whose structure is fixed), a checkpoint
+        whose state does not fit it (a missing key, another shape or dtype: :func:`state_mismatch`) is ignored like
+        an unreadable one, so restoring never fails half-way.
+        """
         if not self.enabled or not self.directory.is_dir():
             return None
         for stale in self.directory.glob(".ckpt-*.tmp"):  # a write that was killed before its rename
@@ -187,11 +227,38 @@ class Checkpointer:
             path = self.directory / name
             if path.is_file():
                 state, why = read_checkpoint(path, self.run_fingerprint)
+                if state is not None and expected is not None:
+                    mismatch = state_mismatch(state, expected)
+                    if mismatch is not None:
+                        state, why = None, f"{path}: does not fit this run ({mismatch}); starting afresh"
                 if state is not None:
                     self.notes.append(f"resuming from {path} at step {state.get('step')}")
                     return state
                 self.notes.append(f"ignoring {why}")
         return None
+
+    def keep_before(self, step: int) -> Path | None:
+        """Delete this run's checkpoints taken at ``step`` or later; return the newest one kept (or None).
+
+        After a streak of non-finite steps that began at ``step``, the weights saved from then on may already hold
+        the update that diverged; a resumed run must start from before it.
+        """
+        if not self.enabled or not self.directory.is_dir():
+            return None
+        kept = None
+        for name in (LAST, PREV):
+            path = self.directory / name
+            if not path.is_file():
+                continue
+            state, _ = read_checkpoint(path, self.run_fingerprint)
+            if state is None or state["step"] >= step:
+                path.unlink()
+            elif kept is None:
+                kept = path
+        if kept is not None and kept.name == PREV:
+            os.replace(kept, self.directory / LAST)
+            kept = self.directory / LAST
+        return kept
 
     def due(self, steps_done: int, total_steps: int) -> bool:
         return self.enabled and steps_done % self.every == 0 and steps_done < total_steps
@@ -214,8 +281,10 @@ class Checkpointer:
 # ---------------------------------------------------------------------------------------------------------------
 # One run's checkpointer, as the stages make it.
 
-# Parameters that a run may change and still resume its checkpoint (they do not change what is computed).
-RESUMABLE_CHANGES = ("checkpoint_every", "batch_per_device", "max_nonfinite_steps", "log_every")
+# Parameters that a run may change and still resume its checkpoint: those that do not change what is computed, and
+# the learning rate, which is a function of the step (no scheduler state), so that a run stopped by a non-finite
+# streak can resume from before the streak with a lower one, as its error message advises.
+RESUMABLE_CHANGES = ("checkpoint_every", "batch_per_device", "max_nonfinite_steps", "log_every", "lr")
 
 
 def checkpoint_root(base: Any) -> Path | None:
@@ -223,10 +292,16 @@ def checkpoint_root(base: Any) -> Path | None:
     return project_root() / base.checkpoint_dir if base.checkpoint_dir else None
 
 
-def run_checkpointer(root: Path | None, name: str, every: int, *, params: Any, base: Any,
+def run_checkpointer(root: Path | None, name: str, every: int, *, stage: str, params: Any, base: Any,
                      inputs: Sequence[Path]) -> Checkpointer:
-    """The checkpointer of run ``name`` (``teacher-cpu-s``): in ``root/name``, keyed to its parameters and inputs."""
+    """The checkpointer of run ``name`` (``teacher-cpu-s``) of ``stages.<stage>``, in ``root/name``.
+
+    Its fingerprint holds everything that makes the run this run: the parameters, the inputs' hashes, the hash of the
+    code the stage runs (:func:`study.imports.code_hash`: an edit of any file the stage imports starts afresh) and the
+    torch version.
+    """
     run = {k: v for k, v in to_plain(params).items() if k not in RESUMABLE_CHANGES}
     key = fingerprint(name=name, params=run, seed=base.seed, sigma_data=base.sigma_data, precision=base.precision,
-                      inputs=[sha256_file(p) for p in inputs])
+                      inputs=[sha256_file(p) for p in inputs], code=code_hash(f"stages.{stage}"),
+                      torch=torch.__version__)
     return Checkpointer(root / name if root is not None else None, every, key)

@@ -50,8 +50,8 @@ def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
     """Run a stage's ``main``: user errors become one line on stderr and exit code 2."""
     try:
         main(argv)
-    except StageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except StageError as e:  # one line, even when a path in it holds a newline
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except SystemExit as e:  # argparse errors (2), --help and --dry-run (0)
         return e.code if isinstance(e.code, int) else 0
@@ -60,10 +60,15 @@ def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
         return 130
     except Exception as e:  # an unexpected failure: keep the traceback, it is a bug
         traceback.print_exc()
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {one_line(str(e))}", file=sys.stderr)
         return 1
     print(f"{Path(sys.argv[0]).stem}: peak memory {peak_rss_mib():.0f} MiB", file=sys.stderr)
     return 0
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: line breaks shown as ``\\n``, so that nothing can forge a second ``error:`` line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def peak_rss_mib() -> float:

@@ -66,7 +66,7 @@ def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-# Per-channel latent standardisation to σ_d (sCM paper App. G; SCM_NOTES §13).
+# Per-channel latent standardisation to σ_d (paper App. G; docs/method.md, "Latents").
 def standardise(z: Tensor, mean: Tensor, std: Tensor, sigma_data: float) -> Tensor:
     return (z - mean.view(1, -1, 1, 1)) * (sigma_data / std.view(1, -1, 1, 1))
 
@@ -154,13 +154,31 @@ def load_codec(out_dir: Path, device: str = "cpu", batch_size: int = 256) -> Cod
     meta_path = Path(out_dir) / "codec.json"
     if not meta_path.is_file():
         raise StageError(f"{meta_path}: not found (run the encode stage first)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        kind, image_shape = meta["kind"], tuple(int(s) for s in meta["image_shape"])
+        mean = torch.tensor(meta["mean"], dtype=torch.float32, device=device)
+        std = torch.tensor(meta["std"], dtype=torch.float32, device=device)
+        sigma_data = float(meta["sigma_data"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise StageError(f"{meta_path}: not a codec description written by the encode stage "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
     vae = None
-    if meta["kind"] != "identity":
-        from diffusers import AutoencoderKL
+    if kind != "identity":
+        vae = load_autoencoder(Path(out_dir) / "codec", who=f"{Path(out_dir) / 'codec'}").to(device).eval()
+    return Codec(vae, image_shape, mean, std, sigma_data, batch_size)
 
-        vae = AutoencoderKL.from_pretrained(Path(out_dir) / "codec", low_cpu_mem_usage=False).to(device).eval()
-    mean = torch.tensor(meta["mean"], dtype=torch.float32, device=device)
-    std = torch.tensor(meta["std"], dtype=torch.float32, device=device)
-    return Codec(vae, tuple(meta["image_shape"]), mean, std, float(meta["sigma_data"]), batch_size)
+
+def load_autoencoder(source: str | Path, *, who: str) -> AutoencoderKL:
+    """``AutoencoderKL.from_pretrained`` from safetensors weights only: a pickled ``.bin`` is refused, never loaded.
+
+    ``source`` is a local diffusers directory or a hub id; errors begin with ``who``.
+    """
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False, use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise StageError(f"{who}: cannot load an AutoencoderKL from safetensors weights ({reason})") from None
 

@@ -12,41 +12,60 @@ import http.client
 import os
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from study.errors import StageError
-from study.files import atomic_replace_file, sha256_file
+from study.files import atomic_replace_file, project_root, redact, sha256_file
 
 CHUNK = 1 << 20
 
 
-def download(url: str, sha256: str, dest: Path, timeout: float = 30.0) -> Path:
-    """Download ``url`` to ``dest``, verifying ``sha256`` (required) before the file appears at ``dest``."""
+MAX_BYTES = 64 << 30  # no model this project reads is larger (EDM2-XXL: 6 GB in float32)
+DEADLINE_S = 6 * 3600.0  # a whole download, whatever the per-read timeout: 64 GiB at 3 MB/s
+
+
+def download(url: str, sha256: str, dest: Path, timeout: float = 30.0, *, max_bytes: int = MAX_BYTES,
+             deadline_s: float = DEADLINE_S) -> Path:
+    """Download ``url`` to ``dest``, verifying ``sha256`` (required) before the file appears at ``dest``.
+
+    ``timeout`` bounds each read, ``deadline_s`` the whole download and ``max_bytes`` its size (checked against
+    Content-Length up front, and while it streams). Errors name the URL without its credentials.
+    """
+    shown = redact(url)
     sha256 = sha256.strip().lower()
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise StageError(f"{url}: a download needs its sha256 (64 hex characters), got {sha256!r}")
+        raise StageError(f"{shown}: a download needs its sha256 (64 hex characters), got {sha256!r}")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.part-", dir=dest.parent)
     h = hashlib.sha256()
+    deadline = time.monotonic() + deadline_s
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
             expected = resp.headers.get("Content-Length")
+            if expected is not None and int(expected) > max_bytes:
+                raise StageError(f"{shown}: {int(expected)} bytes announced, more than the {max_bytes}-byte limit")
             received = 0
-            for chunk in iter(lambda: resp.read(CHUNK), b""):
+            for chunk in iter(lambda: resp.read1(CHUNK), b""):  # read1: one socket read, so the deadline is checked often
+                received += len(chunk)
+                if received > max_bytes:
+                    raise StageError(f"{shown}: more than the {max_bytes}-byte limit; the partial file was deleted")
+                if time.monotonic() > deadline:
+                    raise StageError(f"{shown}: not complete after {deadline_s:g} s ({received} bytes); "
+                                     "the partial file was deleted")
                 out.write(chunk)
                 h.update(chunk)
-                received += len(chunk)
         if expected is not None and received != int(expected):
-            raise StageError(f"{url}: truncated download ({received} of {expected} bytes)")
+            raise StageError(f"{shown}: truncated download ({received} of {expected} bytes)")
         if h.hexdigest() != sha256:
-            raise StageError(f"{url}: sha256 mismatch (expected {sha256}, got {h.hexdigest()}); the file was deleted")
+            raise StageError(f"{shown}: sha256 mismatch (expected {sha256}, got {h.hexdigest()}); the file was deleted")
         os.replace(tmp, dest)
         return dest
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        raise StageError(f"{url}: download failed ({getattr(e, 'reason', e)})") from None
+        raise StageError(f"{shown}: download failed ({redact(str(getattr(e, 'reason', e)))})") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -64,9 +83,12 @@ def fetch(source: str, sha256: str, dest: Path) -> Path:
     if source.startswith(("models:/", "runs:/")):
         import mlflow
 
+        if ".." in source.split("/"):
+            raise StageError(f"{source}: '..' in an MLflow URI would read outside the run's or model's artifacts")
+        uri = mlflow_store()
         with tempfile.TemporaryDirectory(prefix="scm-mlflow-") as tmp:  # removed whatever happens
             try:
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri))
             except Exception as e:  # MLflow raises many types; all mean "not available"
                 raise StageError(f"{source}: MLflow could not provide this model ({str(e).splitlines()[0][:200]})") from None
             if local.is_dir():
@@ -76,6 +98,19 @@ def fetch(source: str, sha256: str, dest: Path) -> Path:
                 local = found[0]
             return _copy_local(str(local), sha256, dest, name=source)
     return _copy_local(source, sha256, dest, name=source)
+
+
+def mlflow_store() -> str:
+    """The MLflow store a ``models:/`` or ``runs:/`` source is read from: ``$MLFLOW_TRACKING_URI``, else the project's
+    own ``mlflow.db`` when it exists (the pipeline's default store). Never a new, empty store in the current directory.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        return uri
+    default = project_root() / "mlflow.db"
+    if default.is_file():
+        return f"sqlite:///{default}"
+    raise StageError(f"an MLflow source needs a store: set MLFLOW_TRACKING_URI (no {default} either)")
 
 
 def _copy_local(source: str, sha256: str, dest: Path, *, name: str) -> Path:

@@ -18,12 +18,17 @@ Offline behaviour. ``inception_weights`` should be a local copy of torch-fidelit
 ``SCM_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` is set, or ``github.com:443`` cannot be reached within
 ``ONLINE_PROBE_TIMEOUT_S`` seconds (checked up front, so a machine without internet answers in milliseconds instead of
 hanging in a download), or the download fails, the result is ``{"fid_inception": None, "inception_status": "<why>"}``;
-no other number is ever substituted. torch-fidelity unpickles the weights file (``weights_only=False``): use a file
-you trust. On a 2-core CPU, FID-Inception spends ~15-40 s in ``numpy.linalg.eigvals`` of a 2048×2048 matrix, whatever N.
+no other number is ever substituted. On a 2-core CPU, FID-Inception spends ~15-40 s in ``numpy.linalg.eigvals`` of a
+2048×2048 matrix, whatever N.
 
-Reference statistics are cached by torch-fidelity under ``cache_dir``, with a cache name holding the reference's
-content hash and the extractor's identity (the sha256 of its weights file): a changed reference set or a retrained
-classifier gets a new name, so stale statistics are never reused (:func:`reference_cache_name`).
+Nothing is unpickled. torch-fidelity would unpickle (a full ``torch.load``) two kinds of file: its own feature and
+statistics cache, and the Inception weights. Its cache is never used: the features of the reference set are cached
+here, as safetensors, under ``cache_dir``, with a name holding the reference's content hash and the extractor's
+identity (the sha256 of its weights file), so a changed reference set or a retrained classifier never reuses stale
+features (:func:`reference_cache_name`). The metrics come from those features through torch-fidelity's own metric
+functions, so they are the numbers ``calculate_metrics`` gives. The Inception weights are read with
+``torch.load(weights_only=True)``, which refuses anything but tensors without running it, and torch-fidelity gets a
+private copy re-saved from those tensors (:func:`plain_weights_copy`).
 """
 
 from __future__ import annotations
@@ -34,19 +39,22 @@ import math
 import os
 import re
 import socket
+import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from study.classifier import WEIGHTS, load_classifier
 from study.errors import StageError
+from study.files import atomic_replace_file, read_tensors
 
 CLF_EXTRACTOR = "scm-classifier"  # our name in torch-fidelity's feature-extractor registry
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -181,10 +189,9 @@ def file_hash(path: Path) -> str:
 
 
 def reference_cache_name(reference: Tensor, *, features: str, weights_path: str | Path, reference_name: str) -> str:
-    """torch-fidelity's ``input2_cache_name``: ``<reference_name>-<content hash>-<features><weights hash>``.
+    """The name of the reference's cached features: ``<reference_name>-<content hash>-<features><weights hash>``.
 
-    torch-fidelity keys its cache files by this name and the extractor's registered name only, so both the reference
-    content and the extractor weights must be in it.
+    Both the reference's content and the extractor's weights are in it, so neither can change without a new entry.
     """
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", reference_name):
         raise StageError(f"reference_name {reference_name!r}: use letters, digits, '_', '.' and '-' only (it names cache files)")
@@ -244,16 +251,40 @@ def check_inception_weights(path: Path) -> None:
     if not path.is_file():
         raise StageError(f"evaluate.inception_weights={str(path)!r}: file not found")
     try:
-        with torch.device("meta"), warnings.catch_warnings():
+        with plain_weights_copy(path) as copy, torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "copying from a non-meta parameter ... is a no-op", once per tensor
-            FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(path))
-    except Exception as e:  # unpickling errors, missing keys, size mismatches: all mean "not these weights"
+            FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(copy))
+    except StageError as e:  # not a plain state_dict: refused before anything in it ran
+        raise StageError(f"evaluate.inception_weights={str(path)!r}: not torch-fidelity's {INCEPTION_EXTRACTOR} "
+                         f"state_dict ({str(e).removeprefix(f'{path}: ')})") from None
+    except Exception as e:  # missing keys, size mismatches: all mean "not these weights"
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines[0] if lines else "")
         raise StageError(
             f"evaluate.inception_weights={str(path)!r}: not torch-fidelity's {INCEPTION_EXTRACTOR} state_dict "
             f"({type(e).__name__}: {detail[:300]})"
         ) from None
+
+
+@contextlib.contextmanager
+def plain_weights_copy(path: Path) -> Iterator[Path]:
+    """A private copy of the state dict in ``path``, re-saved from plain tensors, for torch-fidelity to load.
+
+    ``path`` is read with ``torch.load(weights_only=True)``: a file holding anything but tensors (a ``__reduce__``
+    payload) is refused before any of it runs. torch-fidelity then unpickles only the copy written here, from those
+    tensors, in a directory only this user can read.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise StageError(f"{path}: not a plain state_dict of tensors (refused without running it: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise StageError(f"{path}: not a state_dict (a mapping of names to tensors)")
+    with tempfile.TemporaryDirectory(prefix="scm-weights-") as tmp:  # mode 0700
+        copy = Path(tmp) / Path(path).name
+        torch.save(state, copy)
+        yield copy
 
 
 def resolve_inception_weights(inception_weights: str | Path | None) -> tuple[Path | None, str]:
@@ -311,8 +342,6 @@ def compute_quality(
     Returns flat keys suffixed by the feature space (module docstring); for ``inception`` without usable weights,
     ``{"fid_inception": None, "inception_status": "..."}``.
     """
-    from torch_fidelity import calculate_metrics
-
     if features not in ("clf", "inception"):
         raise StageError(f"features={features!r}: expected 'clf' or 'inception'")
     check_images(generated, reference, kid_subset_size=kid_subset_size, prc=prc)
@@ -337,36 +366,63 @@ def compute_quality(
             return {"fid_inception": None, "inception_status": status}
         extractor = INCEPTION_EXTRACTOR
 
-    # One torch-fidelity call: the chosen extractor serves every metric (no VGG-16 for PRC, nothing downloaded).
+    # The chosen extractor serves every metric (no VGG-16 for PRC, nothing downloaded). The reference's features
+    # come from this project's cache when it holds them; torch-fidelity's own (pickle) cache is never used.
     cache_name = reference_cache_name(reference, features=features, weights_path=weights, reference_name=reference_name)
+    cache_file = Path(cache_dir) / f"{cache_name}.safetensors"
     cuda = str(device).startswith("cuda")
-    with torch.cuda.device(torch.device(device)) if cuda else contextlib.nullcontext():
-        raw = calculate_metrics(
-            input1=ImageTensorDataset(generated),
-            input2=ImageTensorDataset(reference),
-            fid=True,
-            kid=True,
-            prc=prc,
-            isc=isc,
-            feature_extractor=extractor,
-            feature_extractor_weights_path=str(weights),
-            kid_subset_size=kid_subset_size,
-            kid_subsets=kid_subsets,
-            isc_splits=min(10, len(generated)),
-            prc_neighborhood=PRC_NEIGHBORHOOD,
-            cuda=cuda,
-            batch_size=batch_size,
-            cache=True,
-            cache_root=str(cache_dir),
-            input2_cache_name=cache_name,
-            save_cpu_ram=True,  # DataLoader in-process: tensors need no worker processes
-            rng_seed=rng_seed,
-            verbose=verbose,
-        )
+    with contextlib.ExitStack() as stack:
+        if cuda:
+            stack.enter_context(torch.cuda.device(torch.device(device)))
+        weights_file = stack.enter_context(plain_weights_copy(weights)) if features == "inception" else weights
+        raw = _metrics(generated, reference, extractor=extractor, weights=weights_file, cache_file=cache_file,
+                       prc=prc, isc=isc, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
+                       isc_splits=min(10, len(generated)), cuda=cuda, batch_size=batch_size, rng_seed=rng_seed,
+                       verbose=verbose)
     out = {_KEYS[k].format(fs=features): float(v) for k, v in raw.items() if k in _KEYS}
     if status is not None:
         out["inception_status"] = status
     return out
+
+
+def _metrics(generated: Tensor, reference: Tensor, *, extractor: str, weights: Path, cache_file: Path, prc: bool,
+             isc: bool, cuda: bool, batch_size: int, verbose: bool, **kwargs: Any) -> dict[str, float]:
+    """torch-fidelity's FID, KID, PRC and ISC of ``generated`` against ``reference``, computed as
+    ``calculate_metrics`` computes them, from features extracted here (the reference's cached in ``cache_file``)."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric
+    reference_layers = sorted({layer("fid"), layer("kid"), *([layer("prc")] if prc else [])})
+    generated_layers = sorted(set(reference_layers) | ({layer("isc")} if isc else set()))
+    kwargs |= {"prc_neighborhood": PRC_NEIGHBORHOOD, "cuda": cuda, "verbose": verbose, "save_cpu_ram": True}
+    net = create_feature_extractor(extractor, generated_layers, cuda=cuda, feature_extractor_weights_path=str(weights),
+                                   verbose=verbose)
+    extract = lambda images: get_featuresdict_from_dataset(ImageTensorDataset(images), net, batch_size, cuda, True, verbose)
+
+    f_gen = extract(generated)
+    cached = read_tensors(cache_file) if cache_file.is_file() else {}
+    if set(reference_layers) <= set(cached):
+        f_ref = cached
+    else:
+        f_ref = extract(reference)
+        keep = {k: f_ref[k].contiguous() for k in reference_layers}
+        atomic_replace_file(cache_file, lambda tmp: save_file(keep, str(tmp)))
+
+    raw: dict[str, float] = {}
+    if isc:
+        raw |= isc_featuresdict_to_metric(f_gen, layer("isc"), **kwargs)
+    fid_layer = layer("fid")
+    raw |= fid_statistics_to_metric(fid_featuresdict_to_statistics(f_gen, fid_layer),
+                                    fid_featuresdict_to_statistics(f_ref, fid_layer), verbose)
+    raw |= kid_featuresdict_to_metric(f_gen, f_ref, layer("kid"), **kwargs)
+    if prc:
+        raw |= prc_featuresdict_to_metric(f_gen, f_ref, layer("prc"), **kwargs)
+    return raw
 
 
 def summarise_seeds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -34,11 +34,16 @@ def read_manifest(prepared_dir: Path) -> dict[str, Any]:
     """The ``manifest.json`` of a prepared directory (shape, counts, num_classes, ...)."""
     path = Path(prepared_dir) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise StageError(f"{path}: not found (run the data stage first)") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StageError(f"{path}: not valid JSON ({e})") from None
+    shape = manifest.get("shape") if isinstance(manifest, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)
+            and isinstance(manifest.get("sha256"), str)):
+        raise StageError(f"{path}: not a manifest written by the data stage (needs \"shape\": [C, H, W] and \"sha256\")")
+    return manifest
 
 
 def load_split(prepared_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
 from study.errors import StageError
+from study.files import read_tensors
 
 
 @dataclass
@@ -32,13 +31,9 @@ def load_latents(latents_dir: Path) -> Latents:
     """The encode stage's standardised latents and codec description."""
     latents_dir = Path(latents_dir)
     path, meta = latents_dir / "latents.safetensors", latents_dir / "codec.json"
-    for p in (path, meta):
-        if not p.is_file():
-            raise StageError(f"{p}: not found (run the encode stage first)")
-    try:
-        t = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise StageError(f"{path}: not a readable safetensors file ({e})") from None
+    t = read_tensors(path, hint="run the encode stage first")
+    if not meta.is_file():
+        raise StageError(f"{meta}: not found (run the encode stage first)")
     missing = {"train", "eval", "train_labels", "eval_labels"} - set(t)
     if missing:
         raise StageError(f"{path}: missing tensors {sorted(missing)}")

@@ -79,19 +79,59 @@ def load_model(path: Path, *, expect_shape: tuple[int, ...] | None = None, expec
         raise StageError(f"{who}: model file not found")
     meta = read_model_meta(path, name=name)
     if expect_scale is not None and meta.get("scale") != expect_scale:
-        raise StageError(f"{who}: a model of scale {meta.get('scale')!r}, but scale {expect_scale!r} was asked for")
-    if expect_shape is not None and tuple(meta.get("latent_shape", ())) != tuple(expect_shape):
-        raise StageError(f"{who}: trained on latents of shape {tuple(meta.get('latent_shape', ()))}, "
+        raise StageError(f"{who}: a model of scale {_short(meta.get('scale'))}, but scale {expect_scale!r} was asked for")
+    found_shape = meta.get("latent_shape")
+    if expect_shape is not None and found_shape != list(expect_shape):
+        found_shape = tuple(found_shape) if isinstance(found_shape, list) else found_shape
+        raise StageError(f"{who}: trained on latents of shape {_short(found_shape)}, "
                          f"but the data has shape {tuple(expect_shape)}")
+
+    # The network the metadata describes, first on the meta device: nothing is allocated until its every tensor
+    # has been matched against the tensors the file really holds, so a forged width cannot ask for terabytes.
     try:
         cfg = scm_nn.UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["unet"].items()})
-        net = scm_nn.UNet(cfg)
-    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:
+        with torch.device("meta"):
+            skeleton = scm_nn.UNet(cfg)
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as e:
         raise StageError(f"{who}: the 'scm' metadata describes no valid network "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                         f"({type(e).__name__}: {_cut(str(e).splitlines()[0] if str(e) else '', 200)})") from None
+    mismatch = _shape_mismatch(path, skeleton)
+    if mismatch is not None:
+        raise StageError(f"{who}: weights do not match the network they describe ({mismatch})")
+    net = scm_nn.UNet(cfg)
     try:
-        net.load_state_dict(load_file(str(path)))
+        state = load_file(str(path))
+        net.load_state_dict(state)
     except (RuntimeError, SafetensorError) as e:
-        raise StageError(f"{who}: weights do not match the network they describe ({' '.join(str(e).split())[:300]})") from None
+        raise StageError(f"{who}: weights do not match the network they describe ({_cut(' '.join(str(e).split()), 300)})") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise StageError(f"{who}: tensor {_short(bad)} holds NaN or inf (a diverged or damaged model)")
     return net.to(device).eval().requires_grad_(False), meta
 
+
+def _shape_mismatch(path: Path, skeleton: nn.Module) -> str | None:
+    """Why the tensors in ``path`` (read from its header only) are not ``skeleton``'s state, or None."""
+    from safetensors import safe_open
+
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    with safe_open(str(path), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for k in expected.keys() - found.keys():
+        return f"tensor {_short(k)} is missing"
+    for k in found.keys() - expected.keys():
+        return f"unexpected tensor {_short(k)}"
+    for k, shape in expected.items():
+        if found[k] != shape:
+            return f"tensor {_short(k)} is {list(found[k])}, the network's is {list(shape)}"
+    return None
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters: what a file says is echoed in errors, never whole."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to 80 characters."""
+    return _cut(repr(value), 80)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from scm.scales import SCALES
 from study.errors import StageError
 
 
@@ -39,6 +42,41 @@ RENAMED = {
 }
 
 
+MAX_SEED = 2**62  # seeds are offset (distill: +1000, sample sets: k·10⁶ + i) and must stay below torch's 2⁶⁴
+
+
+# --------------------------------------------------------------------------------------------------------------
+# YAML as DVC reads it.
+
+
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, made to agree with DVC's YAML 1.2 reader where it matters here.
+
+    - ``1e-4`` is a float (YAML 1.1 wants a dot in the mantissa and reads it as the string ``'1e-4'``);
+    - a mapping with a repeated key is an error (PyYAML keeps the last value silently; DVC refuses the file).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} at line {key_node.start_mark.line + 1}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`YAMLLoader` (raises ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=YAMLLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Sections.
 
@@ -47,13 +85,23 @@ RENAMED = {
 class BaseParams:
     """Shared by every stage."""
 
-    seed: int = bounded(lo=0)
+    seed: int = bounded(lo=0, hi=MAX_SEED)
     sigma_data: float = bounded(**POSITIVE)  # σ_d (paper §3)
     device: str  # auto | cpu | cuda | cuda:N
     scales: tuple[str, ...]  # model scales run by the per-scale stages
     threads: int = bounded(lo=0)  # torch intra-op threads; 0 = torch's default
     precision: Literal["fp32", "bf16"]  # training forward on CUDA: bf16 autocast; CPU always runs fp32
     checkpoint_dir: str  # training checkpoints (resume), per stage and scale; "" = none
+
+    def validate(self, prefix: str) -> None:
+        if not self.scales:
+            raise StageError(f"{prefix}.scales: expected at least one scale")
+        unknown = [s for s in self.scales if s not in SCALES]
+        if unknown:
+            raise StageError(f"{prefix}.scales: unknown scale {unknown[0]!r} (accepted: {', '.join(SCALES)})")
+        repeated = [s for i, s in enumerate(self.scales) if s in self.scales[:i]]
+        if repeated:
+            raise StageError(f"{prefix}.scales: scale {repeated[0]!r} is listed twice")
 
 
 @dataclass(frozen=True)
@@ -97,19 +145,17 @@ class EncodeParams:
 
 
 @dataclass(frozen=True)
-class TeacherParams:
-    """stages/teacher.py (per scale): a TrigFlow diffusion teacher, trained here or fetched."""
+class TrainingParams:
+    """What the one training loop (:func:`study.training.train`) reads: shared by the teacher and distill sections."""
 
-    source: str  # train | a local directory/file | https://... (needs sha256) | models:/name/version (MLflow)
-    sha256: str  # required for an https source
     steps: int = bounded(lo=1)
-    batch_size: int = bounded(lo=1)
-    lr: float = bounded(**POSITIVE)  # Adam
+    batch_size: int = bounded(lo=1)  # the global batch of one optimiser step
+    lr: float = bounded(**POSITIVE)
     lr_warmup_steps: int = bounded(lo=0)  # linear learning-rate warm-up, then constant
-    P_mean: float  # log-normal time proposal (paper Eq. 4)
+    P_mean: float  # log-normal time proposal: log(σ_d tan t) ~ N(P_mean, P_std²) (paper Alg. 1)
     P_std: float = bounded(**POSITIVE)
     dropout: float = bounded(**FRACTION)
-    adaptive_weight: bool  # EDM2 uncertainty weighting w_φ(t)
+    adaptive_weight: bool  # the uncertainty weighting w_φ(t) (paper Eq. 8)
     ema_half_life_kimg: float = bounded(**POSITIVE)  # EMA half-life in thousands of images
     log_every: int = bounded(lo=1)
     checkpoint_every: int = bounded(lo=0)  # steps between resumable checkpoints in base.checkpoint_dir; 0 = none
@@ -118,28 +164,27 @@ class TeacherParams:
 
 
 @dataclass(frozen=True)
-class DistillParams:
-    """stages/distill.py (per scale): sCD from the teacher or sCT, initialised from the teacher's EMA."""
+class TeacherParams(TrainingParams):
+    """stages/teacher.py (per scale): a TrigFlow diffusion teacher (Adam), trained here or fetched."""
+
+    source: str  # train | a local directory/file | https://... (needs sha256) | models:/name/version (MLflow)
+    sha256: str  # required for an https source
+
+    def validate(self, prefix: str) -> None:
+        if not self.source.strip():
+            raise StageError(f"{prefix}.source: empty (expected train, a local path, an https:// URL or models:/...)")
+
+
+@dataclass(frozen=True)
+class DistillParams(TrainingParams):
+    """stages/distill.py (per scale): sCD from the teacher or sCT (RAdam), initialised from the teacher's EMA."""
 
     method: Literal["scd", "sct"]
-    steps: int = bounded(lo=1)
-    batch_size: int = bounded(lo=1)
-    lr: float = bounded(**POSITIVE)  # RAdam, β = (0.9, 0.99) (paper App. G.2)
-    lr_warmup_steps: int = bounded(lo=0)  # linear learning-rate warm-up, then constant (the paper: none)
-    P_mean: float  # log-normal time proposal
-    P_std: float = bounded(**POSITIVE)
     tangent_c: float = bounded(lo=0.0)  # c in g/(‖g‖ + c) (paper §4.2)
     tangent_norm: Literal["l2", "rms", "clip", "none"]
     tangent: Literal["jvp", "fd"]
     tangent_warmup_steps: int = bounded(lo=0)  # H of the tangent warm-up r = min(1, step/H) (paper §4.2)
-    dropout: float = bounded(**FRACTION)
     prior_weight: bool  # extra outer 1/(σ_d tan t) (docs/method.md, "Weighting")
-    adaptive_weight: bool
-    ema_half_life_kimg: float = bounded(**POSITIVE)
-    log_every: int = bounded(lo=1)
-    checkpoint_every: int = bounded(lo=0)  # steps between resumable checkpoints in base.checkpoint_dir; 0 = none
-    batch_per_device: int = bounded(lo=0)  # micro-batch per process (gradient accumulation); 0 = the whole share
-    max_nonfinite_steps: int = bounded(lo=1)  # stop after this many skipped (non-finite) steps in a row
 
 
 @dataclass(frozen=True)
@@ -347,11 +392,12 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def resolve(raw: dict, profile: str | None = None, overrides: dict | None = None) -> Params:
+def resolve(raw: dict, profile: str | None = None, overrides: dict | None = None, *, check_profiles: bool = True) -> Params:
     """Resolve a parsed ``params.yaml`` mapping into typed :class:`Params`.
 
     ``profile`` (default: the file's ``profile`` key) selects ``profiles.<name>``; ``overrides`` (a nested mapping)
-    is applied last, as ``-S key=value`` would be.
+    is applied last, as ``-S key=value`` would be. With ``check_profiles``, every other profile must resolve too, so
+    a typo in an unused profile is caught as well.
     """
     if not isinstance(raw, dict):
         raise StageError("params: expected a mapping at the top level")
@@ -365,6 +411,8 @@ def resolve(raw: dict, profile: str | None = None, overrides: dict | None = None
     profile = profile if profile is not None else raw.get("profile", "default")
     if not isinstance(profile, str):
         raise StageError(f"profile: expected a string, got {profile!r}")
+    if "default" in profiles:
+        raise StageError("profiles.default: 'default' names the top-level sections themselves; give the profile another name")
     names = ["default", *sorted(profiles)]
     if profile != "default" and profile not in profiles:
         raise StageError(f"profile: unknown profile {profile!r} (accepted: {', '.join(names)})")
@@ -380,13 +428,32 @@ def resolve(raw: dict, profile: str | None = None, overrides: dict | None = None
                 raise StageError(f"{k}: unknown section (accepted: {', '.join(SECTIONS)})")
         merged = deep_merge(merged, overrides)
     sections = {name: _build(name, cls, merged[name]) for name, cls in SECTIONS.items()}
-    for name in profiles:  # every profile must itself be valid, so a typo in an unused profile is still caught
+    for name in profiles if check_profiles else ():
         if name != profile:
             for k, v in (profiles[name] or {}).items():
                 if k not in SECTIONS:
                     raise StageError(f"profiles.{name}.{k}: unknown section (accepted: {', '.join(SECTIONS)})")
                 _build(f"profiles.{name}.{k}", SECTIONS[k], deep_merge(to_plain(_build(k, SECTIONS[k], raw.get(k) or {})), v or {}))
-    return Params(profile=profile, **sections)
+            try:
+                resolve(raw, name, check_profiles=False)
+            except StageError as e:
+                raise StageError(f"profiles.{name}: {e}") from None
+    params = Params(profile=profile, **sections)
+    check_across_sections(params)
+    return params
+
+
+def check_across_sections(p: Params) -> None:
+    """The checks that span sections, at load time rather than in the stage that would trip over them."""
+    from scm.trigflow import SIGMA_MAX
+
+    t_max = math.atan(SIGMA_MAX / p.base.sigma_data)
+    if p.sample.t_mid >= t_max:
+        raise StageError(f"sample.t_mid: expected a value < t_max = arctan({SIGMA_MAX:g}/base.sigma_data) = {t_max:.4f}, "
+                         f"got {p.sample.t_mid!r}")
+    if p.evaluate.kid_subset_size > p.sample.num_samples:
+        raise StageError(f"evaluate.kid_subset_size: expected a value <= sample.num_samples = {p.sample.num_samples}, "
+                         f"got {p.evaluate.kid_subset_size}")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -397,13 +464,15 @@ def parse_overrides(items: list[str]) -> dict:
             raise StageError(f"override {item!r}: expected key=value")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise StageError(f"override {item!r}: expected a dotted key before '=', such as distill.steps=500")
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise StageError(f"override {item!r}: {key.rsplit('.', 1)[0]} is a value, not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            node[parts[-1]] = read_yaml(value)
         except yaml.YAMLError as e:
             raise StageError(f"override {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
     return out
@@ -415,9 +484,11 @@ def load(path: str | Path = "params.yaml", profile: str | None = None, overrides
     if not path.is_file():
         raise StageError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise StageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if raw is None:
+        raise StageError(f"{path}: empty (params.yaml must give every section of the default profile)")
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     return resolve(raw, profile, overrides)

@@ -18,10 +18,10 @@ from tqdm import tqdm
 from scm import samplers
 from scm.trigflow import velocity
 from study.codec import Codec
+from study.errors import StageError
 from study.models import load_model
 from study.params import SampleParams
 
-METHODS = ("teacher", "scm1", "scm2")
 
 
 SEED_STRIDE = 1_000_000
@@ -69,7 +69,11 @@ def generate(sampler: Sampler, codec: Codec, seeds: Sequence[int], shape: Sequen
     chunks = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     for chunk in tqdm(chunks, desc=f"sample {sampler.name}", disable=not progress, leave=False):
         noise = samplers.noise_from_seeds(chunk, shape, sampler.n_noise, sigma_data=sigma_data, device=device)
-        out.append(codec.decode(sampler(noise)).cpu())
+        latents = sampler(noise)
+        if not torch.isfinite(latents).all():
+            raise StageError(f"sampler {sampler.name}: NaN or inf latents for seeds {chunk[0]}..{chunk[-1]} "
+                             "(a diverged model?); no images written")
+        out.append(codec.decode(latents).cpu())
     return torch.cat(out)
 
 

@@ -28,6 +28,7 @@ from study import distributed
 from study.checkpoint import Checkpointer, failpoint
 from study.errors import StageError
 from study.files import atomic_replace_file
+from study.params import TrainingParams
 
 
 class Minibatches:
@@ -83,15 +84,14 @@ class TrainSpec:
     ``objective(net, head)`` returns the loss of one micro-batch, calling ``net`` and ``head`` (the adaptive weight
     w_φ, or None) as given: under torchrun they are the DistributedDataParallel wrappers. ``optimizer(parameters)``
     builds the optimiser over the network's and the head's parameters. ``settings`` is the stage's params section
-    (``teacher`` or ``distill``): steps, batch_size, lr, lr_warmup_steps, ema_half_life_kimg, adaptive_weight,
-    batch_per_device, log_every and max_nonfinite_steps are read from it.
+    (``teacher`` or ``distill``), whose :class:`study.params.TrainingParams` keys the loop reads.
     """
 
     name: str  # "teacher-cpu-s": the progress bar and the first word of every error
     section: str  # "teacher" | "distill": the params section that errors point at
     objective: Callable[[nn.Module, nn.Module | None], LossFn]
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-    settings: Any
+    settings: TrainingParams
     seed: int  # minibatch order and noise
 
 
@@ -146,9 +146,14 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
     gen = torch.Generator(device=device).manual_seed(spec.seed + 1)
     history: list[dict[str, float]] = []
     first_step, skipped, in_a_row, seconds_before = 0, 0, 0, 0.0
+    trained = 0  # samples of this rank that a finite step trained on (not skipped, not masked as non-finite)
 
-    # Resume: the newest checkpoint of this very run (same parameters and inputs), if any.
-    state = checkpoint.restore() if checkpoint is not None else None
+    # Resume: the newest checkpoint of this very run (same parameters, inputs and code) that fits it, if any.
+    expected = {"step": 0, "net": net.state_dict(), "extra": [p.detach() for p in extra], "ema": ema.state_dict(),
+                "optimizer": {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]},
+                "batches": {"generator": batches.generator.get_state(), "buffer": None}, "rng": rng_state(device, gen),
+                "skipped": 0, "in_a_row": 0, "trained": 0, "history": None, "seconds": 0.0}
+    state = checkpoint.restore(expected) if checkpoint is not None else None
     for note in checkpoint.notes if checkpoint is not None and progress and dist.is_main else []:
         tqdm.write(f"{desc}: {note}", file=sys.stderr)
     if state is not None:
@@ -159,14 +164,14 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
         optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["batches"])
         set_rng_state(state["rng"], device, gen)
-        first_step, skipped, in_a_row = state["step"], state["skipped"], state["in_a_row"]
+        first_step, skipped, in_a_row, trained = state["step"], state["skipped"], state["in_a_row"], state["trained"]
         history, seconds_before = state["history"], state["seconds"]
 
     def snapshot(steps_done: int) -> dict[str, Any]:
         return {"step": steps_done, "net": net.state_dict(), "extra": [p.detach() for p in extra],
                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
-                "rng": rng_state(device, gen), "skipped": skipped, "in_a_row": in_a_row, "history": history,
-                "seconds": seconds_before + time.perf_counter() - start}
+                "rng": rng_state(device, gen), "skipped": skipped, "in_a_row": in_a_row, "trained": trained,
+                "history": history, "seconds": seconds_before + time.perf_counter() - start}
 
     start = time.perf_counter()
     bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc=desc, dynamic_ncols=True,
@@ -201,12 +206,13 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
         grad_norm, stepped = step_if_finite(params, optimizer)
         if stepped:
             in_a_row = 0
+            trained += micro * rounds - sum(int(s.get("nonfinite", 0)) for s in stats)
         else:
             skipped, in_a_row = skipped + 1, in_a_row + 1
             if in_a_row >= settings.max_nonfinite_steps:
-                kept = f"; the last checkpoint is kept in {checkpoint.directory}" if checkpoint and checkpoint.enabled else ""
                 raise StageError(f"{desc}: {in_a_row} steps in a row with a non-finite gradient, the last at step {step} "
-                                 f"(loss {torch.stack(losses).mean().item():.4g}); lower {spec.section}.lr{kept}")
+                                 f"(loss {torch.stack(losses).mean().item():.4g}); "
+                                 f"{_after_streak(checkpoint, step + 1 - in_a_row, spec.section)}")
         ema.update(net, (step + 1) * batch_size, batch_size)
 
         # Log: the loss and stats of the global batch (averaged over micro-batches and ranks).
@@ -228,7 +234,22 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
     bar.close()
     if not math.isfinite(history[-1]["loss"]):
         raise StageError(f"{desc}: the final loss is not finite")
+    if distributed.sum_over_ranks([float(trained)], dist, device)[0] == 0:
+        raise StageError(f"{desc}: no step trained on a finite sample ({skipped} of {steps} steps skipped, the "
+                         f"others' samples all masked as non-finite); lower {spec.section}.lr")
     return TrainResult(ema, history, seconds_before + time.perf_counter() - start, skipped, first_step)
+
+
+def _after_streak(checkpoint: Checkpointer | None, streak_start: int, section: str) -> str:
+    """The advice after a non-finite streak that began at ``streak_start``; keeps only checkpoints from before it.
+
+    The update of step ``streak_start − 1`` was finite but led to the streak, so only checkpoints taken at or before
+    it are kept. A re-run with a lower ``lr`` resumes from the one kept (the learning rate may change on resume).
+    """
+    kept = checkpoint.keep_before(streak_start) if checkpoint is not None else None
+    if kept is None:
+        return f"lower {section}.lr and re-run (no checkpoint from before step {streak_start} to resume)"
+    return f"lower {section}.lr and re-run: it resumes from {kept}, taken before the streak"
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:

@@ -134,3 +134,46 @@ def params_text(partial: str) -> str:
     from study.params import deep_merge
 
     return yaml.safe_dump(deep_merge(default_raw(), yaml.safe_load(partial) or {}), sort_keys=False, allow_unicode=True)
+
+
+def write_latents(folder: Path, shape=(2, 8, 8), n_train: int = 16, n_eval: int = 8) -> Path:
+    """An encode-stage output directory (identity codec) of random latents with the data's σ_d = 0.5."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({"train": 0.5 * torch.randn(n_train, *shape, generator=g), "eval": 0.5 * torch.randn(n_eval, *shape, generator=g),
+               "train_labels": torch.arange(n_train) % 10, "eval_labels": torch.arange(n_eval) % 10},
+              str(folder / "latents.safetensors"))
+    (folder / "codec.json").write_text(json.dumps({"kind": "identity", "latent_shape": list(shape), "sigma_data": 0.5}))
+    return folder
+
+
+# Synthetic labelled images for the classifier and the metrics (tests/stages/test_classifier.py, tests/study/test_fidelity.py).
+
+
+def shapes(n: int, seed: int, size: int = 16, classes: tuple[int, ...] = (0, 1, 2, 3)) -> tuple[Any, Any]:
+    """Synthetic labelled uint8 (N, 1, size, size) images: a horizontal bar, a vertical bar, a diagonal or a hollow
+    square, at a random place and brightness, on a noisy black background."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
+    x = torch.zeros(n, size, size)
+    corner = torch.randint(1, size - 8, (n, 2), generator=g).tolist()
+    brightness = (150 + 105 * torch.rand(n, generator=g)).tolist()
+    for i, (label, (r, c), b) in enumerate(zip(labels.tolist(), corner, brightness)):
+        if label == 0:
+            x[i, r + 3, c : c + 7] = b
+        elif label == 1:
+            x[i, r : r + 7, c + 3] = b
+        elif label == 2:
+            x[i, torch.arange(r, r + 7), torch.arange(c, c + 7)] = b
+        else:
+            x[i, r : r + 6, c : c + 6] = b
+            x[i, r + 1 : r + 5, c + 1 : c + 5] = 0
+    x = x + 12 * torch.randn(n, size, size, generator=g)
+    return x.clamp(0, 255).round().to(torch.uint8).unsqueeze(1), labels  # (N, 1, H, W), (N,)

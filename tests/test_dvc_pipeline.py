@@ -74,7 +74,8 @@ def test_every_stage_ran_and_wrote_its_outputs(repro):
         assert e["clf_accuracy"] == accuracy  # fid_clf is reported beside its feature extractor's accuracy
     assert f"{accuracy:.1%} held-out accuracy" in (repo / "reports/report.md").read_text()
     resolved = json.loads((repo / "artifacts/cpu-s/distill/resolved_params.json").read_text())
-    assert resolved["git_commit"] != "unknown" and resolved["params"]["distill"]["steps"] == 6
+    assert resolved["params"]["distill"]["steps"] == 6
+    assert json.loads((repo / "artifacts/cpu-s/distill/provenance.json").read_text())["git_commit"] != "unknown"
     assert {e["distill_method"] for e in summary["scales"]} == {resolved["params"]["distill"]["method"]}
     distilled = json.loads((repo / "metrics/cpu-s/distill.json").read_text())
     assert distilled["final_r"] == 1.0  # the tangent warm-up's r at the last step (smoke: H = 3 < 6 steps)
@@ -85,6 +86,20 @@ def test_second_repro_is_a_no_op_and_status_is_clean(repro):
     log = _run([sys.executable, "-m", "dvc", "repro"], repo)
     assert "Running stage" not in log
     assert "Data and pipelines are up to date" in _run([sys.executable, "-m", "dvc", "status"], repo)
+
+
+def test_the_metric_names_read_downstream_are_the_ones_evaluate_writes(repro):
+    """study/layout.py names each metric once; the report, the MLflow records and the registry read those names."""
+    from pipeline.tracking import TABLE_METRICS
+    from study import layout
+
+    repo, _ = repro
+    for s in SCALES:
+        written = json.loads((repo / layout.metrics_file(s, "evaluate")).read_text())
+        assert set(layout.HEADLINE) | set(TABLE_METRICS) <= set(written), set(layout.HEADLINE) - set(written)
+        entry = next(e for e in json.loads((repo / "reports/summary.json").read_text())["scales"] if e["scale"] == s)
+        assert entry["fid_clf"]["scm2"] == written[layout.metric("fid_clf", "scm2")]
+        assert entry["fid_clf_ratio"]["scm1"] == written[layout.ratio("scm1")]
 
 
 def test_metrics_show_lists_the_evaluation(repro):
@@ -123,3 +138,41 @@ def test_fresh_seeds_scores_the_finished_models_on_unused_seed_sets(repro):
     out = _run([sys.executable, str(script), "--run", str(repo), "--scale", "cpu-xs", "--seed-sets", "7", "8",
                 "--num-samples", str(n)], repo)
     assert "over seed sets [7, 8]" in out and "ratio to the teacher: 1-step" in out
+
+
+def test_a_comment_edit_reruns_its_stage_and_nothing_downstream(repro):
+    """The git commit and the timings live in provenance.json, outside DVC's hash: a re-run that computes the same
+    latents leaves every downstream stage up to date."""
+    repo, _ = repro
+    path = repo / "stages" / "encode.py"
+    original = path.read_text()
+    try:
+        path.write_text(original + "\n# a comment\n")
+        log = _run([sys.executable, "-m", "dvc", "repro"], repo, timeout=600)
+        assert re.findall(r"Running stage '([^']+)'", log) == ["encode"], log[-2000:]
+        assert (repo / "data/latents/provenance.json").is_file()
+    finally:
+        path.write_text(original)
+        _run([sys.executable, "-m", "dvc", "repro"], repo, timeout=600)
+
+
+def test_a_stage_killed_under_dvc_repro_resumes_from_its_checkpoint(repro):
+    """SIGKILL inside distill@cpu-xs during `dvc repro` (SCM_FAILPOINT); the next `dvc repro` resumes it."""
+    repo, _ = repro
+    params = repo / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("  tangent_c: 0.1 ", "  tangent_c: 0.15 ", 1))
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               "SCM_FAILPOINT": "step:5", "DVC_NO_ANALYTICS": "true"}
+        killed = subprocess.run([sys.executable, "-m", "dvc", "repro", "distill@cpu-xs"], cwd=repo, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert killed.returncode != 0
+        assert (repo / "checkpoints" / "distill-cpu-xs" / "last.safetensors").is_file()
+        log = _run([sys.executable, "-m", "dvc", "repro", "distill@cpu-xs"], repo, timeout=600)
+        assert "resuming from" in log and "at step 3" in log, log[-2000:]
+        assert json.loads((repo / "metrics/cpu-xs/distill.json").read_text())["resumed_from_step"] == 3
+        assert not (repo / "checkpoints" / "distill-cpu-xs").exists()  # cleared once the outputs are written
+    finally:
+        params.write_text(original)
+        _run([sys.executable, "-m", "dvc", "repro"], repo, timeout=600)

@@ -1,5 +1,5 @@
 """``teacher.source: models:/<name>/<version>``: a teacher file registered in a real SQLite MLflow store comes back
-through ``stages.fetch.fetch`` (as the teacher stage calls it), with its sha256 checked."""
+through ``study.fetch.fetch`` (as the teacher stage calls it), with its sha256 checked."""
 
 from __future__ import annotations
 

@@ -76,23 +76,23 @@ def test_a_run_logged_over_http_reads_back(mlflow_server, tmp_path):
 def test_the_flow_record_and_registry_work_against_the_server(mlflow_server, reproduced, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from pipeline import tracking as T
+    from pipeline import tracking
     from study.params import load
     from study.fetch import fetch
 
     project = reproduced.project
-    assert T.artifact_location(mlflow_server, project) is None  # the server decides where artifacts go
-    record = T.open_parent(mlflow_server, project, "smoke", run_name="over-http", params={"profile": "smoke"}, tags={})
+    assert tracking.artifact_location(mlflow_server, project) is None  # the server decides where artifacts go
+    record = tracking.open_parent(mlflow_server, project, "smoke", run_name="over-http", params={"profile": "smoke"}, tags={})
     stages = [s["stage"] for s in reproduced.result["stages"]]
-    summary = T.log_scale(record, project, "cpu-xs", load(project / "params.yaml").to_dict(), stages=stages)
-    T.close(record, "FINISHED")
+    summary = tracking.log_scale(record, project, "cpu-xs", load(project / "params.yaml").to_dict(), stages=stages)
+    tracking.close(record, "FINISHED")
 
     c = MlflowClient(mlflow_server)
     child = c.get_run(summary["run_id"])
     assert child.data.tags["mlflow.parentRunId"] == record.run_id and child.data.params["distill.steps"] == "6"
     assert child.data.metrics["fid_clf_scm2"] > 0 and c.get_metric_history(summary["run_id"], "distill/loss")
-    table = T.scaling_table(mlflow_server, record.experiment_id, f"tags.mlflow.parentRunId = '{record.run_id}'")
+    table = tracking.scaling_table(mlflow_server, record.experiment_id, f"tags.mlflow.parentRunId = '{record.run_id}'")
     assert list(table["scale"]) == ["cpu-xs"] and table["n_params"].dtype.kind == "i"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    got = fetch(f"models:/{T.model_name('smoke', 'cpu-xs')}/{summary['model_version']}", "", tmp_path / "m.safetensors")
+    got = fetch(f"models:/{tracking.model_name('smoke', 'cpu-xs')}/{summary['model_version']}", "", tmp_path / "m.safetensors")
     assert got.read_bytes() == (project / "artifacts/cpu-xs/distill/model.safetensors").read_bytes()

@@ -3,6 +3,8 @@ failure classification, sweep points and the command line."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -12,9 +14,10 @@ import yaml
 
 from helpers import ROOT, make_project
 from pipeline import cli
-from pipeline import project as P
-from pipeline import tracking as T
+from pipeline import project as dvc_driver
+from pipeline import tracking
 from study.errors import StageError
+from study.files import redact
 from study.params import load
 
 
@@ -42,14 +45,14 @@ def dvc_project(tmp_path_factory) -> Path:
 def test_configure_names_the_bad_input_and_changes_nothing(params_dir, profile, overrides, scales, named):
     before = (params_dir / "params.yaml").read_text()
     with pytest.raises(StageError, match=named.replace("[", r"\[").replace("]", r"\]")):
-        P.configure(params_dir, profile, overrides, scales)
+        dvc_driver.configure(params_dir, profile, overrides, scales)
     assert (params_dir / "params.yaml").read_text() == before
 
 
 def test_write_params_makes_the_stages_read_exactly_the_request(params_dir):
-    cfg = P.configure(params_dir, "smoke", ["distill.steps=4", "teacher.source=/elsewhere"], ["cpu-xs"])
-    assert P.write_params(cfg)
-    assert not P.write_params(P.configure(params_dir, "smoke", ["distill.steps=4", "teacher.source=/elsewhere"], ["cpu-xs"]))
+    cfg = dvc_driver.configure(params_dir, "smoke", ["distill.steps=4", "teacher.source=/elsewhere"], ["cpu-xs"])
+    assert dvc_driver.write_params(cfg)
+    assert not dvc_driver.write_params(dvc_driver.configure(params_dir, "smoke", ["distill.steps=4", "teacher.source=/elsewhere"], ["cpu-xs"]))
     assert load(params_dir / "params.yaml").to_dict() == cfg.params.to_dict()  # what every stage will now read
     raw = yaml.safe_load((params_dir / "params.yaml").read_text())
     assert raw["profile"] == "smoke"
@@ -61,19 +64,19 @@ def test_write_params_makes_the_stages_read_exactly_the_request(params_dir):
 
 
 def test_default_profile_overrides_go_to_the_top_level(params_dir):
-    cfg = P.configure(params_dir, "default", {"distill.steps": 700}, None)
-    P.write_params(cfg)
+    cfg = dvc_driver.configure(params_dir, "default", {"distill.steps": 700}, None)
+    dvc_driver.write_params(cfg)
     raw = yaml.safe_load((params_dir / "params.yaml").read_text())
     assert raw["distill"]["steps"] == 700 and raw["profiles"]["smoke"]["distill"]["steps"] == 6
 
 
 def test_stage_order_follows_dvc_and_reads_like_the_study(dvc_project):
-    order = P.stage_order(dvc_project, ("cpu-xs", "cpu-s"))
+    order = dvc_driver.stage_order(dvc_project, ("cpu-xs", "cpu-s"))
     per_scale = lambda x: [f"{s}@{x}" for s in ("teacher", "distill", "sample", "evaluate")]
     assert order == ["data", "encode", "classifier", *per_scale("cpu-xs"), *per_scale("cpu-s"), "report"]
-    assert [P.task_name(s) for s in order[3:5]] == ["teacher-cpu-xs", "distill-cpu-xs"]
+    assert [dvc_driver.task_name(s) for s in order[3:5]] == ["teacher-cpu-xs", "distill-cpu-xs"]
     with pytest.raises(StageError, match="no stage 'teacher@cpu-m'"):
-        P.stage_order(dvc_project, ("cpu-m",))
+        dvc_driver.stage_order(dvc_project, ("cpu-m",))
 
 
 def test_stream_logs_lines_and_thins_progress_redraws(tmp_path):
@@ -84,18 +87,19 @@ def test_stream_logs_lines_and_thins_progress_redraws(tmp_path):
               "print('error: the last word', file=sys.stderr)\n"
               "sys.exit(2)\n")
     seen: list[str] = []
-    code, tail = P.stream([sys.executable, "-c", script], tmp_path, P.subprocess_env(), seen.append)
+    code, tail = dvc_driver.stream([sys.executable, "-c", script], tmp_path, dvc_driver.subprocess_env(), seen.append)
     assert code == 2 and seen[0] == "first line" and seen[-1] == "error: the last word"
     assert "bar 4/4 done" in seen and len([s for s in seen if s.startswith("bar")]) <= 2  # one redraw, then the final
-    assert P.failure_message(tail, code) == "error: the last word"
+    assert dvc_driver.failure_message(tail, code) == "error: the last word"
 
 
 def test_failures_are_classified_for_retries():
-    assert P.failure_message(["x", "ERROR: failed to reproduce 'data': exited with 1"], 255).startswith("ERROR: failed")
-    assert P.failure_message([], 3) == "exited with 3"
-    assert P.TRANSIENT.search("ERROR: Unable to acquire lock. Most likely another DVC process is running")
-    assert P.TRANSIENT.search("failed to run: python -m stages.teacher, exited with -9")
-    assert not P.TRANSIENT.search("failed to run: python -m stages.teacher, exited with 2")
+    assert dvc_driver.failure_message(["x", "ERROR: failed to reproduce 'data': exited with 1"], 255).startswith("ERROR: failed")
+    assert dvc_driver.failure_message([], 3) == "exited with 3"
+    assert dvc_driver.TRANSIENT.search("ERROR: Unable to acquire lock. Most likely another DVC process is running")
+    assert dvc_driver.TRANSIENT.search("ERROR: 'data/latents' is busy, it is being blocked by:\n  (PID 123): dvc repro")
+    assert dvc_driver.TRANSIENT.search("failed to run: python -m stages.teacher, exited with -9")
+    assert not dvc_driver.TRANSIENT.search("failed to run: python -m stages.teacher, exited with 2")
 
 
 def test_retry_condition_retries_only_transient_failures():
@@ -103,8 +107,8 @@ def test_retry_condition_retries_only_transient_failures():
 
     from pipeline.flows import _retry_transient
 
-    transient = P.StageFailed("data", "ERROR: Unable to acquire lock", returncode=255, transient=True)
-    permanent = P.StageFailed("teacher@cpu-xs", "error: /x: no such model", returncode=255, transient=False)
+    transient = dvc_driver.StageFailed("data", "ERROR: Unable to acquire lock", returncode=255, transient=True)
+    permanent = dvc_driver.StageFailed("teacher@cpu-xs", "error: /x: no such model", returncode=255, transient=False)
     assert _retry_transient(None, None, Failed(data=transient))
     assert not _retry_transient(None, None, Failed(data=permanent))
     assert str(permanent) == "teacher@cpu-xs: error: /x: no such model"
@@ -112,7 +116,7 @@ def test_retry_condition_retries_only_transient_failures():
 
 def test_subprocess_env_never_passes_a_run_id(monkeypatch):
     monkeypatch.setenv("MLFLOW_RUN_ID", "abc")
-    env = P.subprocess_env("sqlite:////tmp/x.db")
+    env = dvc_driver.subprocess_env("sqlite:////tmp/x.db")
     assert "MLFLOW_RUN_ID" not in env and env["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/x.db"
     assert env["DO_NOT_TRACK"] == "true" and env["PATH"].startswith(str(Path(sys.executable).parent))
 
@@ -131,13 +135,13 @@ def test_sweep_points_and_grid_parsing():
 
 
 def test_tracking_uri_is_anchored_in_the_project(tmp_path, monkeypatch):
-    from pipeline import tracking as T
+    from pipeline import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert T.tracking_uri(tmp_path) == f"sqlite:////{str(tmp_path.resolve()).lstrip('/')}/mlflow.db"
-    assert T.artifact_location(T.tracking_uri(tmp_path), tmp_path) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:////{str(tmp_path.resolve()).lstrip('/')}/mlflow.db"
+    assert tracking.artifact_location(tracking.tracking_uri(tmp_path), tmp_path) == (tmp_path.resolve() / "mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert T.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
 
 
 def test_cli_help_and_bad_input(params_dir, capsys):
@@ -156,6 +160,68 @@ def test_cli_help_and_bad_input(params_dir, capsys):
     ("http://token@10.0.0.5:5000", "http://***@10.0.0.5:5000"),
     ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
     ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
+    ("download https://u:p@host/m.safetensors failed, retry https://v:q@host/", "download https://***@host/m.safetensors failed, retry https://***@host/"),
 ])
 def test_credentials_in_a_tracking_uri_never_reach_logs_or_results(uri, shown):
-    assert T.redact(uri) == shown
+    assert redact(uri) == shown
+
+
+def test_a_flow_refuses_a_stage_once_params_yaml_changed(tmp_path):
+    (tmp_path / "params.yaml").write_text("profile: default\n")
+    digest = dvc_driver.params_digest(tmp_path)
+    dvc_driver.check_params_unchanged(tmp_path, digest, "teacher@cpu-s")
+    (tmp_path / "params.yaml").write_text("profile: default\nbase: {seed: 1}\n")
+    with pytest.raises(StageError, match=r"params.yaml: changed since this flow configured it; teacher@cpu-s not run"):
+        dvc_driver.check_params_unchanged(tmp_path, digest, "teacher@cpu-s")
+
+
+def test_one_flow_per_project(tmp_path):
+    with dvc_driver.flow_lock(tmp_path):
+        with pytest.raises(StageError, match=rf"another flow is running on this project \(PID {os.getpid()}\)"):
+            with dvc_driver.flow_lock(tmp_path):
+                pass
+    with dvc_driver.flow_lock(tmp_path):  # released
+        pass
+
+
+def test_each_scale_is_recorded_with_the_params_its_stages_ran_with(tmp_path):
+    """Not params.yaml as it is when the record is written: each stage's resolved_params.json."""
+    from study import layout
+
+    def write(output, params):
+        (tmp_path / output).mkdir(parents=True, exist_ok=True)
+        (tmp_path / output / layout.RESOLVED).write_text(json.dumps({"params": params}))
+
+    base = {"seed": 0, "sigma_data": 0.5}
+    write(layout.PREPARED, {"base": {"seed": 0}, "data": {"source": "mnist5k"}})
+    write(layout.LATENTS, {"base": base, "encode": {"codec": "train"}, "data": "data/prepared"})
+    write(layout.CLASSIFIER, {"base": base, "classifier": {"steps": 600}})
+    for scale, lr in (("cpu-xs", 1e-4), ("cpu-s", 5e-4)):
+        write(layout.stage_dir(scale, "teacher"), {"base": base, "teacher": {"lr": 1e-3}, "scale": scale})
+        write(layout.stage_dir(scale, "distill"), {"base": base, "distill": {"lr": lr}, "teacher": "artifacts/x/teacher"})
+        write(layout.stage_dir(scale, "samples"), {"base": base, "sample": {"t_mid": 1.1}})
+        (tmp_path / layout.evaluation_file(scale)).write_text(json.dumps({"params": {"evaluate": {"prc": True}}}))
+    write(layout.REPORTS, {"base": base, "report": {"title": "t"}})
+    xs, s = (tracking.scale_params(tmp_path, scale, "default") for scale in ("cpu-xs", "cpu-s"))
+    assert xs["distill"]["lr"] == 1e-4 and s["distill"]["lr"] == 5e-4
+    assert xs["teacher"] == {"lr": 1e-3} and xs["base"] == base and xs["data"] == {"source": "mnist5k"}
+    assert xs["profile"] == "default" and "scale" not in xs
+    assert xs["evaluate"] == {"prc": True} and xs["report"] == {"title": "t"}
+
+
+def test_credentials_move_from_the_uri_to_the_environment(tmp_path, monkeypatch):
+    from study.files import split_credentials
+
+    assert split_credentials("https://alice:s%40cret@mlflow.example.org:5000/x") == (
+        "https://mlflow.example.org:5000/x", {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s@cret"})
+    assert split_credentials("sqlite:////abs/mlflow.db") == ("sqlite:////abs/mlflow.db", {})
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:hunter2@127.0.0.1:5000")
+    assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "hunter2"
+
+
+def test_a_deployment_refuses_credentials_in_the_uri(capsys):
+    code = cli.main(["deploy", "--pool", "p", "--source", ".", "--tracking-uri", "https://u:p@host/"])
+    assert code == 2 and "would be stored in the deployment" in capsys.readouterr().err

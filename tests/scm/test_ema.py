@@ -21,7 +21,7 @@ def test_half_life_in_images():
 
 
 def test_paper_cifar_beta():
-    """0.5 Mimg half-life at batch 512 gives β ≈ 0.99929 per step (SCM_NOTES §11)."""
+    """0.5 Mimg half-life at batch 512 gives β ≈ 0.99929 per step (docs/method.md, "EMA")."""
     assert EMA(_net(0.0), 0.5e6).beta(0, 512) == pytest.approx(0.99929, abs=1e-5)
 
 

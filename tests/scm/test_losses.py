@@ -5,16 +5,16 @@ import math
 import pytest
 import torch
 
-from scm import losses as L
-from scm import nn as snn
-from scm import trigflow as tf
+from scm import losses
+from scm import nn as scm_nn
+from scm import trigflow
 
 SD = 0.5
 
 
 def _net(dropout=0.0, dtype=torch.float64):
     torch.manual_seed(0)
-    return snn.UNet(snn.UNetConfig(in_channels=2, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+    return scm_nn.UNet(scm_nn.UNetConfig(in_channels=2, model_channels=16, channel_mult=(1, 2), num_blocks=1,
                                    attn_levels=(1,), num_heads=2, dropout=dropout)).to(dtype)
 
 
@@ -29,9 +29,9 @@ def _point(n=4, dtype=torch.float64):
 def test_g_at_r0_is_weighted_velocity_matching():
     net = _net()
     x_t, t, dxt_dt = _point()
-    F_minus, J = L.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
-    g = L.scm_g(F_minus, J, x_t, t, dxt_dt, sigma_data=SD, r=0.0)
-    c2 = tf.append_dims(torch.cos(t) ** 2, 4)
+    F_minus, J = losses.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
+    g = losses.scm_g(F_minus, J, x_t, t, dxt_dt, sigma_data=SD, r=0.0)
+    c2 = trigflow.append_dims(torch.cos(t) ** 2, 4)
     assert torch.allclose(g, -c2 * (SD * F_minus - dxt_dt), atol=1e-14)
 
 
@@ -39,59 +39,59 @@ def test_g_at_r1_is_cos_t_times_total_derivative_of_f():
     """g(r=1) = cos t·df⁻/dt with df⁻/dt along dx_t/dt from an independent central difference of f itself."""
     net = _net()
     x_t, t, dxt_dt = _point()
-    F_minus, J = L.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
-    g = L.scm_g(F_minus, J, x_t, t, dxt_dt, sigma_data=SD, r=1.0)
+    F_minus, J = losses.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
+    g = losses.scm_g(F_minus, J, x_t, t, dxt_dt, sigma_data=SD, r=1.0)
 
     def f(x, s):
         with torch.no_grad():
-            return tf.consistency_fn(x, s, tf.velocity(net, x, s, SD))
+            return trigflow.consistency_fn(x, s, trigflow.velocity(net, x, s, SD))
 
     h = 1e-5
     df_dt = (f(x_t + h * dxt_dt, t + h) - f(x_t - h * dxt_dt, t - h)) / (2 * h)
-    assert torch.allclose(g, tf.append_dims(torch.cos(t), 4) * df_dt, atol=1e-7)
+    assert torch.allclose(g, trigflow.append_dims(torch.cos(t), 4) * df_dt, atol=1e-7)
 
 
 def test_printed_tangent_convention_would_double_sigma_data():
-    """The printed (…, cos t sin t·σ_d) tangent returns σ_d× ours: the slip SCM_NOTES §4 documents."""
+    """The printed (…, cos t sin t·σ_d) tangent returns σ_d× ours: the slip docs/method.md ("The tangent") documents."""
     net = _net()
     x_t, t, dxt_dt = _point()
-    _, J = L.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
+    _, J = losses.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
     cs = torch.cos(t) * torch.sin(t)
     with torch.no_grad():
-        _, J_printed = torch.func.jvp(lambda a, b: net(a, b), (x_t / SD, t), (tf.append_dims(cs, 4) * dxt_dt, cs * SD))
+        _, J_printed = torch.func.jvp(lambda a, b: net(a, b), (x_t / SD, t), (trigflow.append_dims(cs, 4) * dxt_dt, cs * SD))
     assert torch.allclose(J_printed, SD * J, atol=1e-10)
 
 
 @pytest.mark.parametrize("norm", ["l2", "rms"])
 def test_tangent_normalisation(norm):
     g = torch.randn(5, 3, 4, 4) * torch.tensor([1e-3, 1e-1, 1, 10, 1e4]).reshape(5, 1, 1, 1)
-    out = L.normalize_tangent(g, c=0.1, norm=norm)
+    out = losses.normalize_tangent(g, c=0.1, norm=norm)
     n = g.flatten(1).norm(dim=1) / (1 if norm == "l2" else math.sqrt(48))
     expected = g / (n + 0.1).reshape(5, 1, 1, 1)
     assert torch.allclose(out, expected)
     out_n = out.flatten(1).norm(dim=1) / (1 if norm == "l2" else math.sqrt(48))
     assert (out_n < 1).all() and out_n[-1] > 0.999  # bounded, and ≈ unit for large g
-    assert torch.equal(L.normalize_tangent(g, norm="clip"), g.clamp(-1, 1))
+    assert torch.equal(losses.normalize_tangent(g, norm="clip"), g.clamp(-1, 1))
     with pytest.raises(ValueError, match="tangent norm must be one of"):
-        L.normalize_tangent(g, norm="linf")
+        losses.normalize_tangent(g, norm="linf")
 
 
 def test_tangent_warmup():
-    assert [L.tangent_warmup(s, 10) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
-    assert L.tangent_warmup(0, 0) == 1.0
+    assert [losses.tangent_warmup(s, 10) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
+    assert losses.tangent_warmup(0, 0) == 1.0
 
 
 def test_adaptive_weight_optimum_equalises_the_loss():
     """Fitting w_φ on errors whose size depends on t makes e^{w(t)}·E[err²] ≈ 1 in every t bucket (paper App. D)."""
     torch.manual_seed(0)
-    head = snn.AdaptiveWeight()
+    head = scm_nn.AdaptiveWeight()
     opt = torch.optim.Adam(head.parameters(), lr=2e-2)
     scale = lambda t: 0.01 + 2.0 * torch.sin(t) ** 2  # E[err²](t) spans 200x
     for step in range(800):
         t = torch.rand(512) * 1.5 + 0.02
         # Noisy per-sample errors with mean scale(t) first; then the exact mean, so Adam's noise settles.
         sq_err = scale(t) * torch.distributions.Exponential(1.0).sample((512,)) if step < 500 else scale(t)
-        loss = L.adaptive_weighted(sq_err, head(t)).mean()
+        loss = losses.adaptive_weighted(sq_err, head(t)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -102,8 +102,8 @@ def test_adaptive_weight_optimum_equalises_the_loss():
 
 
 def _loss(net, x0, tangent="jvp", teacher=None, step=10**6, **kw):
-    cfg = L.SCMConfig(sigma_data=SD, tangent=tangent, tangent_warmup_steps=100, **kw)
-    return L.scm_loss(net, x0, cfg=cfg, step=step, teacher=teacher, generator=torch.Generator().manual_seed(5))
+    cfg = losses.SCMConfig(sigma_data=SD, tangent=tangent, tangent_warmup_steps=100, **kw)
+    return losses.scm_loss(net, x0, cfg=cfg, step=step, teacher=teacher, generator=torch.Generator().manual_seed(5))
 
 
 def test_scm_loss_value_is_mean_squared_normalised_tangent_and_jvp_equals_fd():
@@ -115,12 +115,12 @@ def test_scm_loss_value_is_mean_squared_normalised_tangent_and_jvp_equals_fd():
     assert out.loss.item() == pytest.approx(out_fd.loss.item(), rel=1e-6)
     # Recompute by hand with the same random draws (t, then z, from the same generator).
     g_ = torch.Generator().manual_seed(5)
-    t = tf.sample_t(6, -1.0, 1.4, SD, generator=g_).double()
+    t = trigflow.t_from_normal(torch.randn(6, generator=g_), -1.0, 1.4, SD).double()
     z = SD * torch.randn(x0.shape, generator=g_, dtype=x0.dtype)
-    x_t = tf.add_noise(x0, z, t)
-    dxt_dt = tf.velocity_target(x0, z, t)  # sCT
-    F_minus, J = L.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
-    g = L.normalize_tangent(L.scm_g(F_minus, J, x_t, t, dxt_dt, sigma_data=SD, r=1.0))
+    x_t = trigflow.add_noise(x0, z, t)
+    dxt_dt = trigflow.velocity_target(x0, z, t)  # sCT
+    F_minus, J = losses.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
+    g = losses.normalize_tangent(losses.scm_g(F_minus, J, x_t, t, dxt_dt, sigma_data=SD, r=1.0))
     assert out.loss.item() == pytest.approx(g.pow(2).flatten(1).mean(1).mean().item(), rel=1e-6)
 
 
@@ -136,11 +136,11 @@ def test_gradient_moves_F_along_g():
     (grad_F,) = torch.autograd.grad(out.loss, F)
     # Rebuild g exactly as the loss did, then compare: grad_F = −2g/(D·N).
     g_ = torch.Generator().manual_seed(5)
-    t = tf.sample_t(3, -1.0, 1.4, SD, generator=g_).double()
+    t = trigflow.t_from_normal(torch.randn(3, generator=g_), -1.0, 1.4, SD).double()
     z = SD * torch.randn(x0.shape, generator=g_, dtype=x0.dtype)
-    x_t, dxt_dt = tf.add_noise(x0, z, t), tf.velocity_target(x0, z, t)
-    F_minus, J = L.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
-    g = L.normalize_tangent(L.scm_g(F_minus, J, x_t, t, dxt_dt, sigma_data=SD, r=1.0))
+    x_t, dxt_dt = trigflow.add_noise(x0, z, t), trigflow.velocity_target(x0, z, t)
+    F_minus, J = losses.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
+    g = losses.normalize_tangent(losses.scm_g(F_minus, J, x_t, t, dxt_dt, sigma_data=SD, r=1.0))
     assert torch.allclose(grad_F, -2 * g / (g[0].numel() * 3), atol=1e-12)
 
 
@@ -156,9 +156,9 @@ def test_scd_uses_the_teacher_velocity():
         return teacher_out["v"]
 
     out = _loss(net, x0, teacher=teacher, step=0)  # r = 0
-    F_minus, _ = L.jvp_tangent(net, teacher_out["x_t"], teacher_out["t"], teacher_out["v"], sigma_data=SD)
-    c2 = tf.append_dims(torch.cos(teacher_out["t"]) ** 2, 4)
-    g = L.normalize_tangent(-c2 * (SD * F_minus - teacher_out["v"]))
+    F_minus, _ = losses.jvp_tangent(net, teacher_out["x_t"], teacher_out["t"], teacher_out["v"], sigma_data=SD)
+    c2 = trigflow.append_dims(torch.cos(teacher_out["t"]) ** 2, 4)
+    g = losses.normalize_tangent(-c2 * (SD * F_minus - teacher_out["v"]))
     assert out.loss.item() == pytest.approx(g.pow(2).flatten(1).mean(1).mean().item(), rel=1e-6)
     assert out.stats["r"] == 0.0
 
@@ -181,18 +181,18 @@ def test_nonfinite_samples_are_masked_and_counted():
 def test_optimizer_step_skips_nonfinite_gradients():
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([p], lr=0.1)
-    norm, stepped = L.optimizer_step((p * float("inf")).sum(), [p], opt)
+    norm, stepped = losses.optimizer_step((p * float("inf")).sum(), [p], opt)
     assert not stepped and not math.isfinite(norm) and torch.equal(p.detach(), torch.ones(3))
-    norm, stepped = L.optimizer_step((p * 2).sum(), [p], opt)
+    norm, stepped = losses.optimizer_step((p * 2).sum(), [p], opt)
     assert stepped and torch.allclose(p.detach(), torch.full((3,), 0.8))
 
 
 def test_dropout_masks_are_shared_between_jvp_and_grad_pass():
     net = _net(dropout=0.5, dtype=torch.float32).train()
     x_t, t, dxt_dt = _point(dtype=torch.float32)
-    state = L._rng_state(x_t.device)
-    F_minus, _ = L.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
-    L._set_rng_state(x_t.device, state)
+    state = losses._rng_state(x_t.device)
+    F_minus, _ = losses.jvp_tangent(net, x_t, t, dxt_dt, sigma_data=SD)
+    losses._set_rng_state(x_t.device, state)
     assert torch.allclose(net(x_t / SD, t), F_minus, atol=1e-6)  # same masks
     assert not torch.allclose(net(x_t / SD, t), F_minus, atol=1e-3)  # a fresh draw differs
 
@@ -203,14 +203,14 @@ def test_dropout_masks_are_shared_between_jvp_and_grad_pass():
 ])
 def test_bad_config(bad, match):
     with pytest.raises(ValueError, match=match):
-        L.SCMConfig(**bad).validate()
+        losses.SCMConfig(**bad).validate()
 
 
 def test_nonfinite_data_is_rejected():
     with pytest.raises(ValueError, match="x0 contains non-finite"):
         _loss(_net(), torch.full((2, 2, 6, 6), float("nan"), dtype=torch.float64))
     with pytest.raises(ValueError, match="x0 contains non-finite"):
-        L.diffusion_loss(_net(), torch.full((2, 2, 6, 6), float("inf"), dtype=torch.float64), sigma_data=SD, P_mean=-1, P_std=1)
+        losses.diffusion_loss(_net(), torch.full((2, 2, 6, 6), float("inf"), dtype=torch.float64), sigma_data=SD, P_mean=-1, P_std=1)
 
 
 def test_diffusion_loss_is_zero_for_the_exact_velocity_of_a_point_mass():
@@ -220,7 +220,7 @@ def test_diffusion_loss_is_zero_for_the_exact_velocity_of_a_point_mass():
         def forward(self, x_hat, t, class_labels=None):
             return x_hat / torch.tan(t).reshape(-1, 1)
 
-    out = L.diffusion_loss(Exact(), torch.zeros(64, 3, dtype=torch.float64), sigma_data=SD, P_mean=-1, P_std=1.4,
+    out = losses.diffusion_loss(Exact(), torch.zeros(64, 3, dtype=torch.float64), sigma_data=SD, P_mean=-1, P_std=1.4,
                            generator=torch.Generator().manual_seed(0))
     assert out.loss.item() < 1e-12
 
@@ -235,12 +235,12 @@ def test_given_noise_is_the_noise_the_loss_would_draw_and_slices_compose(objecti
     batch's loss (what every rank of a data-parallel run relies on)."""
     net = _net(dtype=torch.float32)
     x0 = SD * torch.randn(8, 2, 6, 6, generator=torch.Generator().manual_seed(3))
-    teacher = lambda x_t, t: tf.velocity(net, x_t, t, SD)
-    cfg = L.SCMConfig(sigma_data=SD, tangent_warmup_steps=0)
-    loss = (lambda x, **kw: L.diffusion_loss(net, x, sigma_data=SD, P_mean=-0.8, P_std=1.6, **kw)) if objective == "diffusion" \
-        else (lambda x, **kw: L.scm_loss(net, x, cfg=cfg, step=0, teacher=teacher, **kw))
+    teacher = lambda x_t, t: trigflow.velocity(net, x_t, t, SD)
+    cfg = losses.SCMConfig(sigma_data=SD, tangent_warmup_steps=0)
+    loss = (lambda x, **kw: losses.diffusion_loss(net, x, sigma_data=SD, P_mean=-0.8, P_std=1.6, **kw)) if objective == "diffusion" \
+        else (lambda x, **kw: losses.scm_loss(net, x, cfg=cfg, step=0, teacher=teacher, **kw))
     drawn = loss(x0, generator=torch.Generator().manual_seed(7))
-    noise = L.Noise.draw(tuple(x0.shape), generator=torch.Generator().manual_seed(7))
+    noise = losses.Noise.draw(tuple(x0.shape), generator=torch.Generator().manual_seed(7))
     given = loss(x0, noise=noise)
     assert torch.equal(drawn.loss, given.loss) and torch.equal(drawn.t, given.t)
     halves = [loss(x0[s], noise=noise[s]).loss for s in (slice(0, 4), slice(4, 8))]
@@ -250,7 +250,7 @@ def test_given_noise_is_the_noise_the_loss_would_draw_and_slices_compose(objecti
 
 
 def test_time_embedding_and_loss_weight_stay_float32_under_autocast():
-    net, head = _net(dtype=torch.float32), snn.AdaptiveWeight()
+    net, head = _net(dtype=torch.float32), scm_nn.AdaptiveWeight()
     t = torch.linspace(0.1, 1.5, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert net.cond(t, None).dtype == torch.float32
@@ -262,14 +262,14 @@ def test_bf16_autocast_touches_only_the_grad_forward():
     """With net.amp_dtype = bf16, the tangent (hence g, ‖g‖ and the loss value) is exactly the float32 one, even under an
     outer autocast; only the gradient, through the bf16 forward, changes (a little)."""
     x0 = SD * torch.randn(8, 2, 6, 6, generator=torch.Generator().manual_seed(3))
-    noise = L.Noise.draw(tuple(x0.shape), generator=torch.Generator().manual_seed(7))
-    cfg = L.SCMConfig(sigma_data=SD, tangent_warmup_steps=0)  # sCT: no teacher call to autocast
+    noise = losses.Noise.draw(tuple(x0.shape), generator=torch.Generator().manual_seed(7))
+    cfg = losses.SCMConfig(sigma_data=SD, tangent_warmup_steps=0)  # sCT: no teacher call to autocast
 
     def run(amp, outer):
         net = _net(dtype=torch.float32)
         net.amp_dtype = amp
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=outer):
-            out = L.scm_loss(net, x0, cfg=cfg, step=0, noise=noise)
+            out = losses.scm_loss(net, x0, cfg=cfg, step=0, noise=noise)
         out.loss.backward()
         return out, torch.cat([p.grad.flatten() for p in net.parameters()])
 

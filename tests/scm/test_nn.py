@@ -4,14 +4,14 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from scm import nn as snn
+from scm import nn as scm_nn
 from scm.losses import fd_tangent, jvp_tangent
 
 
 def small_unet(**kw):
     cfg = dict(in_channels=4, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_levels=(1,), num_heads=2, groups=8)
     cfg.update(kw)
-    return snn.UNet(snn.UNetConfig(**cfg))
+    return scm_nn.UNet(scm_nn.UNetConfig(**cfg))
 
 
 @pytest.mark.parametrize("shape", [(4, 7, 7), (4, 8, 8), (1, 28, 28)])
@@ -22,15 +22,15 @@ def test_unet_any_size_keeps_shape(shape):
 
 
 def test_no_batchnorm_anywhere():
-    for net in (small_unet(), snn.MLP(snn.MLPConfig())):
+    for net in (small_unet(), scm_nn.MLP(scm_nn.MLPConfig())):
         assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
-@pytest.mark.parametrize("make", [small_unet, lambda: snn.MLP(snn.MLPConfig(dim=3))], ids=["unet", "mlp"])
+@pytest.mark.parametrize("make", [small_unet, lambda: scm_nn.MLP(scm_nn.MLPConfig(dim=3))], ids=["unet", "mlp"])
 def test_full_network_jvp_matches_float64_finite_difference(make):
     torch.manual_seed(0)
     net = make().double()
-    shape = (3, 4, 7, 7) if isinstance(net, snn.UNet) else (3, 3)
+    shape = (3, 4, 7, 7) if isinstance(net, scm_nn.UNet) else (3, 3)
     x_t = 0.5 * torch.randn(shape, dtype=torch.float64)
     t = torch.tensor([0.05, 0.8, 1.55], dtype=torch.float64)
     dxt_dt = 0.5 * torch.randn(shape, dtype=torch.float64)
@@ -44,17 +44,17 @@ def test_full_network_jvp_matches_float64_finite_difference(make):
 def test_math_and_sdpa_attention_agree_and_context_restores():
     net = small_unet()
     x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
-    with snn.attention_op(net, "sdpa"):
+    with scm_nn.attention_op(net, "sdpa"):
         y_sdpa = net(x, t)
-        assert all(m.op == "sdpa" for m in net.modules() if isinstance(m, snn.Attention))
-    assert all(m.op == "math" for m in net.modules() if isinstance(m, snn.Attention))
+        assert all(m.op == "sdpa" for m in net.modules() if isinstance(m, scm_nn.Attention))
+    assert all(m.op == "math" for m in net.modules() if isinstance(m, scm_nn.Attention))
     assert torch.allclose(net(x, t), y_sdpa, atol=1e-5)
     with pytest.raises(ValueError, match="attention op must be one of math, sdpa"):
-        snn.set_attention_op(net, "flash")
+        scm_nn.set_attention_op(net, "flash")
 
 
 def test_time_embedding_stays_float32_under_autocast():
-    cond = snn.Conditioning(16, 32, 0)
+    cond = scm_nn.Conditioning(16, 32, 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert cond.mlp(cond.pos(torch.rand(3))).dtype == torch.bfloat16  # unmarked, autocast would apply
         assert cond(torch.rand(3), None).dtype == torch.float32  # the marked float32 region
@@ -80,7 +80,7 @@ def test_amp_dtype_autocasts_only_the_backbone_of_a_plain_float32_forward():
 
 def test_pnorm_has_unit_rms_over_channels():
     a = torch.randn(5, 32) * 7
-    assert torch.allclose(snn.pnorm(a).square().mean(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(scm_nn.pnorm(a).square().mean(dim=1), torch.ones(5), atol=1e-5)
 
 
 def test_class_conditioning_changes_output_and_null_label_is_default():
@@ -92,26 +92,26 @@ def test_class_conditioning_changes_output_and_null_label_is_default():
 
 
 def test_adaptive_weight_starts_at_zero():
-    assert torch.equal(snn.AdaptiveWeight()(torch.rand(4)), torch.zeros(4))
+    assert torch.equal(scm_nn.AdaptiveWeight()(torch.rand(4)), torch.zeros(4))
 
 
 def test_scales_parameter_counts_are_ordered_and_paper_sized():
-    counts = {s: snn.scale_param_count(s) for s in snn.SCALES}
+    counts = {s: scm_nn.scale_param_count(s) for s in scm_nn.SCALES}
     assert counts["cpu-xs"] < counts["cpu-s"] < counts["cpu-m"] < counts["cpu-l"]
     assert counts["S"] < counts["M"] < counts["L"] < counts["XL"] < counts["XXL"]
     # Our U-Net at the paper's widths lands within 15% of the paper's EDM2 counts (Table 4: 280M ... 1.52B).
     for s, paper in {"S": 280.2e6, "M": 497.8e6, "L": 777.6e6, "XL": 1119.4e6, "XXL": 1523.4e6}.items():
         assert abs(counts[s] / paper - 1) < 0.15, (s, counts[s])
-    assert snn.count_params(snn.UNet(snn.unet_config("cpu-s", in_channels=4))) == counts["cpu-s"]
+    assert scm_nn.count_params(scm_nn.UNet(scm_nn.unet_config("cpu-s", in_channels=4))) == counts["cpu-s"]
 
 
 def test_unknown_scale_and_bad_configs():
     with pytest.raises(ValueError, match=r"unknown scale 'huge' \(accepted: cpu-xs, cpu-s"):
-        snn.unet_config("huge", in_channels=4)
+        scm_nn.unet_config("huge", in_channels=4)
     with pytest.raises(ValueError, match="dropout"):
-        snn.UNet(snn.UNetConfig(dropout=1.5))
+        scm_nn.UNet(scm_nn.UNetConfig(dropout=1.5))
     with pytest.raises(ValueError, match="divisible"):
-        snn.UNet(snn.UNetConfig(model_channels=12, groups=8))
+        scm_nn.UNet(scm_nn.UNetConfig(model_channels=12, groups=8))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_layer_jvp_rules_match_autograd_forward_ad(m, shape):
     if isinstance(m, torch.nn.GroupNorm) and m.affine:  # non-trivial γ, β
         torch.nn.init.normal_(m.weight), torch.nn.init.normal_(m.bias)
     x, x_t = torch.randn(shape, dtype=torch.float64) + 0.3, torch.randn(shape, dtype=torch.float64)
-    rule = snn._group_norm_jvp if isinstance(m, torch.nn.GroupNorm) else snn._affine_jvp
+    rule = scm_nn._group_norm_jvp if isinstance(m, torch.nn.GroupNorm) else scm_nn._affine_jvp
     y, y_t = rule(m, x, x_t)
     y_ref, y_t_ref = _jvp64(m, (x,), (x_t,))
     assert torch.equal(y, y_ref)
@@ -143,23 +143,23 @@ def test_layer_jvp_rules_match_autograd_forward_ad(m, shape):
 
 def test_pointwise_jvp_rules_match_autograd_forward_ad():
     a, a_t = torch.randn(5, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
-    for rule, fn in ((snn._pnorm_jvp, snn.pnorm), (snn._silu_jvp, torch.nn.functional.silu)):
+    for rule, fn in ((scm_nn._pnorm_jvp, scm_nn.pnorm), (scm_nn._silu_jvp, torch.nn.functional.silu)):
         y, y_t = rule(a, a_t)
         y_ref, y_t_ref = _jvp64(fn, (a,), (a_t,))
         assert torch.equal(y, y_ref) and torch.allclose(y_t, y_t_ref, atol=1e-12)
-    emb = snn.PositionalEmbedding(16)
+    emb = scm_nn.PositionalEmbedding(16)
     t, t_t = torch.rand(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     (y, y_t), (y_ref, y_t_ref) = emb._jvp(t, t_t), _jvp64(emb, (t,), (t_t,))
     assert torch.equal(y, y_ref) and torch.allclose(y_t, y_t_ref, atol=1e-12)
     with pytest.raises(TypeError, match="no forward-mode rule for MaxPool2d"):
-        snn._affine_jvp(torch.nn.MaxPool2d(2), a, a_t)
+        scm_nn._affine_jvp(torch.nn.MaxPool2d(2), a, a_t)
 
 
 def test_block_jvp_rules_match_autograd_forward_ad():
     x, x_t = torch.randn(2, 16, 6, 6, dtype=torch.float64), torch.randn(2, 16, 6, 6, dtype=torch.float64)
     e, e_t = torch.randn(2, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64)
-    attn = snn.Attention(16, num_heads=2, groups=4).double()
-    block = snn.ResBlock(16, 8, 32, dropout=0.0, groups=4, attention=True, num_heads=2).double()
+    attn = scm_nn.Attention(16, num_heads=2, groups=4).double()
+    block = scm_nn.ResBlock(16, 8, 32, dropout=0.0, groups=4, attention=True, num_heads=2).double()
     for m, primals, tangents in ((attn, (x,), (x_t,)), (block, (x, e), (x_t, e_t))):
         y, y_t = m._jvp(*(a for pair in zip(primals, tangents) for a in pair))
         y_ref, y_t_ref = _jvp64(m, primals, tangents)
@@ -173,7 +173,7 @@ def _unet_dropout_labels():
 
 @pytest.mark.parametrize("make, shape, labels", [
     (small_unet, (3, 4, 7, 7), None), (_unet_dropout_labels, (3, 4, 8, 8), torch.tensor([1, 2, 10])),
-    (lambda: snn.MLP(snn.MLPConfig(dim=3, width=32, dropout=0.2, num_classes=4)).train(), (3, 3),
+    (lambda: scm_nn.MLP(scm_nn.MLPConfig(dim=3, width=32, dropout=0.2, num_classes=4)).train(), (3, 3),
      torch.tensor([0, 3, 4])),
 ], ids=["unet", "unet-dropout-labels", "mlp-dropout-labels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -229,7 +229,7 @@ def test_fast_jvp_falls_back_when_parameters_carry_tangents(monkeypatch):
 def test_fast_jvp_outputs_are_differentiable(monkeypatch):
     """JVP under grad mode: gradients through F⁻ equal generic forward AD's; those through J (which generic forward
     AD cannot give: silu_backward has no derivative) pass gradcheck in the input and in a weight."""
-    net = snn.MLP(snn.MLPConfig(dim=3, width=8, depth=2, groups=4)).double()
+    net = scm_nn.MLP(scm_nn.MLPConfig(dim=3, width=8, depth=2, groups=4)).double()
     x, x_t = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     t, t_t = torch.rand(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
 

@@ -13,11 +13,11 @@ import copy
 
 import torch
 
-from scm import ema as E
-from scm import losses as L
-from scm import nn as snn
-from scm import samplers as S
-from scm import trigflow as tf
+from scm import ema
+from scm import losses
+from scm import nn as scm_nn
+from scm import samplers
+from scm import trigflow
 from scm.toy import GaussianMixture, energy_distance
 
 SD = 0.5
@@ -26,8 +26,8 @@ ED_TOL = 0.01
 
 
 def _one_step_rms_error(net, noise, reference):
-    v = lambda x, t: tf.velocity(net, x, t, SD)
-    return (S.sample_consistency(v, noise, ts=S.consistency_times(1, SD)) - reference).norm(dim=1).pow(2).mean().sqrt().item()
+    v = lambda x, t: trigflow.velocity(net, x, t, SD)
+    return (samplers.sample_consistency(v, noise, ts=samplers.consistency_times(1, SD)) - reference).norm(dim=1).pow(2).mean().sqrt().item()
 
 
 def test_scd_with_exact_teacher_learns_the_pf_ode_map():
@@ -47,38 +47,38 @@ def _run():
     B = 256
 
     # 1. "Teacher": regress F on the exact velocity/σ_d (the diffusion loss with a variance-free target).
-    net = snn.MLP(snn.MLPConfig(width=128, depth=3))
+    net = scm_nn.MLP(scm_nn.MLPConfig(width=128, depth=3))
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for _ in range(800):
         x0 = gmm.sample(B, gen).float()
-        t = tf.sample_t(B, -0.8, 1.6, SD, generator=gen)
-        x_t = tf.add_noise(x0, SD * torch.randn(x0.shape, generator=gen), t)
+        t = trigflow.t_from_normal(torch.randn(B, generator=gen), -0.8, 1.6, SD)
+        x_t = trigflow.add_noise(x0, SD * torch.randn(x0.shape, generator=gen), t)
         loss = ((net(x_t / SD, t) - exact(x_t, t) / SD) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     # Reference: the exact PF-ODE solution (DPM-Solver-2, 200 steps, float64) from fixed per-sample noise.
-    noise = S.noise_from_seeds(range(2000), (2,), 2, sigma_data=SD)
-    reference = S.sample_dpm2(exact, [noise[0].double()], ts=S.karras_times(200, SD)).float()
+    noise = samplers.noise_from_seeds(range(2000), (2,), 2, sigma_data=SD)
+    reference = samplers.sample_dpm2(exact, [noise[0].double()], ts=samplers.karras_times(200, SD)).float()
     err_before = _one_step_rms_error(net.eval(), noise, reference)
 
     # 2. sCD (Alg. 1): student initialised from the teacher, online-weight stop-grad target, EMA for sampling.
     net.train()
-    head = snn.AdaptiveWeight()
+    head = scm_nn.AdaptiveWeight()
     params = list(net.parameters()) + list(head.parameters())
     opt = torch.optim.RAdam(params, lr=1e-4, betas=(0.9, 0.99))  # the paper's CM learning rate (App. G.2)
-    cfg = L.SCMConfig(sigma_data=SD, P_mean=-1.0, P_std=1.4, tangent_warmup_steps=200)
-    ema = E.EMA(net, half_life=50_000)
+    cfg = losses.SCMConfig(sigma_data=SD, P_mean=-1.0, P_std=1.4, tangent_warmup_steps=200)
+    average = ema.EMA(net, half_life=50_000)
     for step in range(1500):
-        out = L.scm_loss(net, gmm.sample(B, gen).float(), cfg=cfg, step=step, teacher=exact, weight_head=head, generator=gen)
-        L.optimizer_step(out.loss, params, opt)
-        ema.update(net, (step + 1) * B, B)
-    student = copy.deepcopy(ema.net).eval()
+        out = losses.scm_loss(net, gmm.sample(B, gen).float(), cfg=cfg, step=step, teacher=exact, weight_head=head, generator=gen)
+        losses.optimizer_step(out.loss, params, opt)
+        average.update(net, (step + 1) * B, B)
+    student = copy.deepcopy(average.net).eval()
 
     err_after = _one_step_rms_error(student, noise, reference)
-    v = lambda x, t: tf.velocity(student, x, t, SD)
-    two_step = S.sample_consistency(v, noise, ts=S.consistency_times(2, SD))
+    v = lambda x, t: trigflow.velocity(student, x, t, SD)
+    two_step = samplers.sample_consistency(v, noise, ts=samplers.consistency_times(2, SD))
     ed = energy_distance(two_step, gmm.sample(2000, torch.Generator().manual_seed(1)))
     print(f"1-step RMS error vs exact ODE: {err_before:.3f} -> {err_after:.3f}; 2-step energy distance {ed:.4f}")
     assert err_before > 0.4  # the test has teeth: the teacher itself is no 1-step sampler

@@ -39,7 +39,7 @@ METRICS, HISTORY = "metrics/m.json", "plots/h.csv"
 TINY = ["base.threads=1", "base.device=cpu", "data.max_images=20", "encode.steps=2", "encode.batch_size=4",
         "classifier.steps=2", "teacher.steps=2", "teacher.batch_size=4", "teacher.lr_warmup_steps=0", "teacher.log_every=1",
         "distill.steps=2", "distill.batch_size=4", "distill.log_every=1", "sample.num_samples=4", "sample.seed_sets=1",
-        "sample.teacher_steps=1", "sample.batch_size=4", "sample.grid_size=4"]
+        "sample.teacher_steps=1", "sample.batch_size=4", "sample.grid_size=4", "evaluate.kid_subset_size=2"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -80,6 +80,12 @@ def fx(tmp_path_factory) -> dict[str, str]:
     p: dict[str, Path | str] = {}
     p["latents"] = _latents(root / "latents")
     p["latents_nan"] = _latents(root / "latents_nan", nan=True)
+    p["latents_bad_codec"] = _latents(root / "latents_bad_codec")
+    (root / "latents_bad_codec" / "codec.json").write_text('{"kind": "identity", "mean": [0.0, 0.0]')
+    (root / "prepared_bad_manifest").mkdir()
+    (root / "prepared_bad_manifest" / "images.parquet").write_bytes(b"PAR1")
+    (root / "prepared_bad_manifest" / "manifest.json").write_text('{"sha256": 5}')
+    p["prepared_bad_manifest"] = root / "prepared_bad_manifest"
 
     # A cpu-xs teacher on the 2×8×8 latents and a truncated copy.
     torch.manual_seed(0)
@@ -93,6 +99,13 @@ def fx(tmp_path_factory) -> dict[str, str]:
     (root / "truncated" / "model.safetensors").write_bytes(data[: len(data) // 2])
     p["truncated"] = root / "truncated"
     p["truncated_file"] = root / "truncated" / "model.safetensors"
+    nan_net = build_net("cpu-xs", SHAPE)
+    with torch.no_grad():
+        next(nan_net.parameters()).fill_(float("nan"))
+    (root / "teacher_nan").mkdir()
+    save_model(root / "teacher_nan" / "model.safetensors", nan_net,
+               {"role": "teacher", "scale": "cpu-xs", "latent_shape": list(SHAPE), "sigma_data": 0.5})
+    p["teacher_nan"] = root / "teacher_nan"
 
     # Image folders.
     (root / "img_empty").mkdir()
@@ -160,6 +173,7 @@ STAGE_ARGS = {
                 "--metrics", METRICS, "--history", HISTORY],
     "sample": ["--scale", "cpu-xs", "--latents", "{latents}", "--teacher", "{teacher_xs}", "--student", "{teacher_xs}",
                "--out", OUT],
+    "report": ["--out", OUT],
 }
 
 
@@ -245,6 +259,32 @@ CASES = [
          preexisting=True, names_source=True),
     Case("url-with-bad-sha256", "teacher", S("teacher.source={url}", "teacher.sha256=deadbeef"), ("{url}", "sha256", "'deadbeef'"),
          names_source=True),
+    # Values the loader used to accept, and checks across sections that used to fail late.
+    Case("empty-scales", "data", S("base.scales=[]"), ("base.scales", "at least one scale")),
+    Case("repeated-scale", "data", S("base.scales=[cpu-xs, cpu-xs]"), ("base.scales", "'cpu-xs' is listed twice")),
+    Case("unknown-scale-in-params", "data", S("base.scales=[cpu-xxl]"), ("base.scales", "'cpu-xxl'")),
+    Case("t-mid-beyond-t-max", "data", S("base.sigma_data=50"), ("sample.t_mid", "t_max")),
+    Case("seed-too-large", "data", S("base.seed=18446744073709551616"), ("base.seed",)),
+    Case("kid-subset-beyond-samples", "data", S("evaluate.kid_subset_size=5000"), ("evaluate.kid_subset_size", "sample.num_samples")),
+    Case("empty-teacher-source", "data", S("teacher.source=''"), ("teacher.source", "empty")),
+    Case("override-without-key", "data", ("-S", "=5"), ("'=5'", "dotted key")),
+    # Non-finite models.
+    Case("nan-teacher-source", "teacher", S("teacher.source={teacher_nan}"), ("NaN or inf",), preexisting=True,
+         names_source=True),
+    Case("nan-student", "sample", ("--student", "{teacher_nan}"), ("{teacher_nan}", "NaN or inf"), preexisting=True),
+    # Outputs that would destroy an input, or cannot be written (checked before anything runs).
+    Case("out-is-an-input", "teacher", ("--out", "{latents}"), ("--out", "overlaps the input --latents")),
+    Case("metrics-inside-an-input", "teacher", ("--metrics", "{latents}/latents.safetensors"),
+         ("--metrics", "overlaps the input --latents")),
+    Case("out-contains-the-inputs", "report", ("--out", "metrics"), ("--out 'metrics'", "overlaps the input --metrics")),
+    Case("out-is-the-project", "data", ("--out", "."), ("--out '.'", "project root")),
+    Case("out-under-a-file", "data", ("--out", "params.yaml/prepared"), ("--out", "params.yaml is a file")),
+    # Damaged files a stage reads.
+    Case("damaged-manifest", "encode", ("--data", "{prepared_bad_manifest}"), ("{prepared_bad_manifest}/manifest.json", "not a manifest")),
+    Case("damaged-codec-description", "sample", ("--latents", "{latents_bad_codec}"), ("{latents_bad_codec}/codec.json",
+                                                                                        "not a codec description")),
+    Case("metrics-under-a-file", "teacher", ("--metrics", "params.yaml/m.json"), ("--metrics", "params.yaml is a file"),
+         preexisting=True),
 ]
 
 

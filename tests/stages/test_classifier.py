@@ -16,7 +16,7 @@ from study import classifier as study_classifier
 from study.cli import cli
 from study.errors import StageError
 from study.params import resolve
-from helpers import default_raw, params_text, section
+from helpers import default_raw, params_text, section, shapes
 
 BASE = section("base", seed=0)
 TINY = section("classifier", steps=100, batch_size=32, lr=5e-3, width=16, feature_dim=32, max_shift=1)
@@ -29,28 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def shapes(n: int, seed: int, size: int = 16, classes: tuple[int, ...] = (0, 1, 2, 3)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Synthetic labelled uint8 (N, 1, size, size) images: a horizontal bar, a vertical bar, a diagonal or a hollow
-    square, at a random place and brightness, on a noisy black background."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
-    x = torch.zeros(n, size, size)
-    corner = torch.randint(1, size - 8, (n, 2), generator=g).tolist()
-    brightness = (150 + 105 * torch.rand(n, generator=g)).tolist()
-    for i, (label, (r, c), b) in enumerate(zip(labels.tolist(), corner, brightness)):
-        if label == 0:
-            x[i, r + 3, c : c + 7] = b
-        elif label == 1:
-            x[i, r : r + 7, c + 3] = b
-        elif label == 2:
-            x[i, torch.arange(r, r + 7), torch.arange(c, c + 7)] = b
-        else:
-            x[i, r : r + 6, c : c + 6] = b
-            x[i, r + 1 : r + 5, c + 1 : c + 5] = 0
-    x = x + 12 * torch.randn(n, size, size, generator=g)
-    return x.clamp(0, 255).round().to(torch.uint8).unsqueeze(1), labels  # (N, 1, H, W), (N,)
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +45,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_learns_synthetic_shapes_and_writes_outputs(trained: tuple[Path, dict]) -> None:
     out, result = trained
     assert result["accuracy"] >= 0.9, result  # chance is 0.25
-    assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "metrics.json", "model.safetensors", "resolved_params.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "metrics.json", "model.safetensors", "provenance.json",
+                                                     "resolved_params.json"]
     info = json.loads((out / "classifier.json").read_text())
     assert info["input_shape"] == [1, 16, 16] and info["num_classes"] == 4
     assert info["width"] == 16 and info["feature_dim"] == 32 and info["architecture"] == study_classifier.ARCHITECTURE
     assert info["accuracy"] == result["accuracy"] and info["n_train"] == 400 and info["n_eval"] == 200
     assert info["weights_sha256"] == classifier.sha256_file(out / "model.safetensors")
     assert json.loads((out / "metrics.json").read_text()) == {"accuracy": result["accuracy"]}
-    provenance = json.loads((out / "resolved_params.json").read_text())
-    assert provenance["params"]["classifier"]["steps"] == TINY.steps and "git_commit" in provenance
+    resolved = json.loads((out / "resolved_params.json").read_text())
+    assert resolved == {"params": resolved["params"]} and resolved["params"]["classifier"]["steps"] == TINY.steps
+    provenance = json.loads((out / "provenance.json").read_text())  # the volatile part, outside DVC's hash
+    assert set(provenance) == {"git_commit", "torch", "seconds"} and provenance["seconds"]["train"] > 0
     assert result["train_seconds"] > 0 and "train_seconds" not in info  # timing stays out of the (deterministic) files
 
 

@@ -77,7 +77,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 def test_mnist5k_end_to_end(prepared: tuple[dict, Path], mnist5k: tuple[np.ndarray, np.ndarray]) -> None:
     manifest, out = prepared
-    assert sorted(p.name for p in out.iterdir()) == ["images.parquet", "manifest.json", "resolved_params.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["images.parquet", "manifest.json", "provenance.json", "resolved_params.json"]
     assert manifest == json.loads((out / "manifest.json").read_text())
     assert manifest["source"] == "mnist5k"
     assert manifest["counts"] == {"train": 4000, "eval": 1000}
@@ -198,6 +198,31 @@ def test_imagefolder(tmp_path: Path) -> None:
         x, y = load_split(tmp_path / "out", split)
         for image, label in zip(x.permute(0, 2, 3, 1).numpy(), y.tolist()):  # (N, H, W, C)
             assert written[image.tobytes()] == label  # lossless, and the label follows its folder
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path, suffix: str) -> None:
+    """PIL's convert("L") clips 16-bit values at 255 (a white image); they are scaled to 8 bits instead."""
+    root = tmp_path / "deep"
+    root.mkdir()
+    values = np.array([[0, 257, 32768, 65535]] * 4, np.uint16)  # -> 0, 1, 128, 255
+    for k in range(4):
+        Image.fromarray(values).save(root / f"{k}{suffix}")
+    assert Image.open(root / f"0{suffix}").mode.startswith("I;16")
+    data.run(section("data", source="imagefolder", root=str(root), eval_fraction=0.25), 0, tmp_path / "out")
+    x, _ = load_split(tmp_path / "out", "train")
+    assert x.shape[1:] == (1, 4, 4) and x[0, 0, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_32_bit_images_outside_0_255_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "wide"
+    root.mkdir()
+    for k in range(4):
+        Image.fromarray(np.full((4, 4), 70000, np.int32), mode="I").save(root / f"{k}.tif")
+    out = tmp_path / "out"
+    with pytest.raises(StageError, match=r"\d\.tif: 'I' pixels range over \[70000, 70000\], not 0\.\.255"):
+        data.run(section("data", source="imagefolder", root=str(root), eval_fraction=0.25), 0, out)
+    assert not out.exists()
 
 
 def test_imagefolder_mixed_modes_resize_and_unlabelled(tmp_path: Path) -> None:

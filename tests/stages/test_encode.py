@@ -100,8 +100,8 @@ def test_identity_round_trip_is_exact(tmp_path: Path, channels: int) -> None:
     meta = json.loads((out / "codec.json").read_text())
     assert meta["kind"] == "identity" and meta["sigma_data"] == BASE.sigma_data and len(meta["std"]) == channels
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics == {"recon_mse": 0.0, "recon_psnr_db": encode.PSNR_CAP_DB, "latent_shape": [channels, 8, 8],
-                       "train_seconds": 0.0}
+    assert metrics == {"recon_mse": 0.0, "recon_psnr_db": encode.PSNR_CAP_DB, "latent_shape": [channels, 8, 8]}
+    assert json.loads((out / "provenance.json").read_text())["seconds"] == {"train": 0.0}
     assert result["recon_psnr_db"] == encode.PSNR_CAP_DB and result["n_train"] == 30
     assert not (out / "codec").exists()
     assert Image.open(out / "recon_grid.png").size == (8 * 10 + 2, 2 * 10 + 2)  # 10 eval images: 8 originals over 8 recons
@@ -136,7 +136,7 @@ def test_train_few_steps_is_deterministic_and_round_trips(prepared: Path, tmp_pa
     assert recon.dtype == torch.uint8 and recon.shape == images.shape
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert psnr(recon, images) == pytest.approx(metrics["recon_psnr_db"], abs=1e-3)
-    assert metrics["train_seconds"] > 0
+    assert json.loads((tmp_path / "b" / "provenance.json").read_text())["seconds"]["train"] > 0
 
 
 def test_pretrained_local_directory_converts_channels_and_size(tmp_path: Path) -> None:
@@ -239,3 +239,31 @@ def test_cli_summary_and_errors(prepared: Path, tmp_path: Path, capsys: pytest.C
     with pytest.raises(SystemExit) as exit_:
         encode.main(["--help"])
     assert exit_.value.code == 0 and "--data" in capsys.readouterr().out
+
+
+def test_an_autoencoder_with_pickled_weights_is_refused_without_unpickling(prepared: Path, tmp_path: Path) -> None:
+    """diffusers would torch.load a diffusion_pytorch_model.bin; the project loads safetensors weights only."""
+    import pickle
+
+    tiny_vae().save_pretrained(tmp_path / "vae-bin", safe_serialization=False)
+    weights = tmp_path / "vae-bin" / "diffusion_pytorch_model.bin"
+    assert weights.is_file() and not list((tmp_path / "vae-bin").glob("*.safetensors"))
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    weights.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(StageError, match=r"cannot load an AutoencoderKL from safetensors weights"):
+        encode.run(section("encode", codec="pretrained", pretrained=str(tmp_path / "vae-bin")), BASE, prepared,
+                   tmp_path / "out")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_damaged_codec_description_is_one_error_line(tmp_path: Path) -> None:
+    (tmp_path / "latents").mkdir()
+    for text in ("{not json", '{"kind": "identity"}', "[1, 2]"):
+        (tmp_path / "latents" / "codec.json").write_text(text)
+        with pytest.raises(StageError, match=r"codec.json: not a codec description written by the encode stage"):
+            load_codec(tmp_path / "latents")

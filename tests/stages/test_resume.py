@@ -31,7 +31,7 @@ EVERY, STEPS = 5, 40
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory) -> Path:
-    from test_training import write_latents
+    from helpers import write_latents
 
     return write_latents(tmp_path_factory.mktemp("data") / "latents", SHAPE, n_train=40)
 
@@ -127,7 +127,7 @@ def test_killed_training_resumes_to_identical_weights(stage: str, latents: Path,
     assert json.loads((work / "metrics.json").read_text())["resumed_from_step"] >= 15
     assert json.loads((ref / "metrics.json").read_text())["resumed_from_step"] == 0
     assert _files(work) == _files(ref) == {"params.yaml", "out", "out/model.safetensors", "out/resolved_params.json",
-                                             "metrics.json", "history.csv"}
+                                           "out/provenance.json", "metrics.json", "history.csv"}
 
 
 @pytest.fixture(scope="module")

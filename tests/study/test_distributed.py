@@ -1,4 +1,4 @@
-"""stages/distributed.py: shards cover the global batch exactly once; batch splits are checked; and a real 2-process
+"""study/distributed.py: shards cover the global batch exactly once; batch splits are checked; and a real 2-process
 torchrun (gloo, CPU) of the teacher and distill stages gives the loss and weights of one process on the same global
 batch, as does gradient accumulation. Only rank 0 writes."""
 
@@ -44,7 +44,7 @@ def test_micro_batches_and_bad_splits():
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory) -> Path:
-    from test_training import write_latents
+    from helpers import write_latents
 
     return write_latents(tmp_path_factory.mktemp("data") / "latents", SHAPE, n_train=32)
 

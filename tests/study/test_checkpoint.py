@@ -1,4 +1,4 @@
-"""stages/checkpoint.py: the training state round-trips through safetensors + JSON exactly; writes are atomic and keep
+"""study/checkpoint.py: the training state round-trips through safetensors + JSON exactly; writes are atomic and keep
 the previous checkpoint; a damaged, foreign or pickled file is never resumed (and never unpickled)."""
 
 from __future__ import annotations
@@ -142,3 +142,69 @@ def test_a_pickle_named_like_a_checkpoint_is_refused_unexecuted(tmp_path: Path, 
     assert ck.restore() is None
     assert all("unreadable" in n for n in ck.notes) and len(ck.notes) == 2
     assert not MARKER.exists()  # the payload never ran
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a checkpoint must match to be resumed: the code, the torch version, the structure of the state.
+
+
+def test_the_fingerprint_holds_the_code_and_the_torch_version(tmp_path, monkeypatch):
+    from helpers import section
+    from study import checkpoint
+
+    base, params = section("base"), section("teacher")
+    latents = tmp_path / "latents.safetensors"
+    latents.write_bytes(b"latents")
+    key = lambda: checkpoint.run_checkpointer(tmp_path, "teacher-x", 5, stage="teacher", params=params, base=base,
+                                              inputs=[latents]).run_fingerprint
+    original = key()
+    assert key() == original
+    monkeypatch.setattr(checkpoint, "code_hash", lambda module: "other code")
+    assert key() != original
+    monkeypatch.undo()
+    monkeypatch.setattr(checkpoint.torch, "__version__", "0.0.0")
+    assert key() != original
+
+
+def test_the_code_hash_changes_with_any_file_the_stage_imports(tmp_path):
+    import shutil
+
+    from study import imports
+
+    for name in imports.PACKAGES:
+        shutil.copytree(imports.ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    before = imports.code_hash("stages.distill", tmp_path)
+    unrelated = tmp_path / "study" / "fidelity.py"  # not imported by distill
+    unrelated.write_text(unrelated.read_text() + "\n# edit\n")
+    assert imports.code_hash("stages.distill", tmp_path) == before
+    used = tmp_path / "scm" / "losses.py"
+    used.write_text(used.read_text() + "\n# edit\n")
+    assert imports.code_hash("stages.distill", tmp_path) != before
+
+
+@pytest.mark.parametrize("damage", ["shape", "fp16", "missing key", "extra key", "no optimizer"])
+def test_a_checkpoint_that_does_not_fit_the_run_is_ignored_not_a_crash(tmp_path, damage):
+    from study.checkpoint import state_mismatch
+
+    net, opt = _net_and_adam(2)
+    expected = {"step": 0, "net": net.state_dict(), "optimizer": {"state": {}, "param_groups": opt.state_dict()["param_groups"]},
+                "history": None}
+    state = {"step": 4, "net": {k: v.clone() for k, v in net.state_dict().items()}, "optimizer": opt.state_dict(),
+             "history": [{"step": 0}]}
+    assert state_mismatch(state, expected) is None
+    if damage == "shape":
+        state["net"]["0.weight"] = torch.zeros(5, 3)
+    elif damage == "fp16":
+        state["net"]["0.weight"] = state["net"]["0.weight"].half()
+    elif damage == "missing key":
+        del state["net"]["2.bias"]
+    elif damage == "extra key":
+        state["net"]["3.weight"] = torch.zeros(1)
+    else:
+        del state["optimizer"]
+    why = state_mismatch(state, expected)
+    assert why is not None and "\n" not in why
+    ck = Checkpointer(tmp_path / "run", every=1, run_fingerprint="fp")
+    write_checkpoint(ck.directory, state, "fp")
+    assert ck.restore(expected) is None
+    assert ck.notes[-1].startswith(f"ignoring {ck.directory / LAST}: does not fit this run (") and "starting afresh" in ck.notes[-1]

@@ -1,4 +1,4 @@
-"""stages/training.py: model files round-trip and refuse anything else (another scale or shape, a damaged or foreign
+"""study/training.py, study/models.py, study/latents.py: model files round-trip and refuse anything else (another scale or shape, a damaged or foreign
 file, a pickle whose payload must never run); minibatches are seeded epochs; the loop skips non-finite steps and
 gives up, naming the step, after too many in a row."""
 
@@ -23,7 +23,7 @@ from study.errors import StageError
 from study.latents import load_latents
 from study.models import build_net, load_model, read_model_meta, save_model
 from study.training import Minibatches, TrainSpec, train
-from helpers import section
+from helpers import section, write_latents
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (2, 8, 8)
@@ -37,16 +37,6 @@ def model_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
     save_model(path, build_net("cpu-xs", SHAPE), META)
     return path
-
-
-def write_latents(folder: Path, shape=SHAPE, n_train: int = 16, n_eval: int = 8) -> Path:
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    save_file({"train": 0.5 * torch.randn(n_train, *shape, generator=g), "eval": 0.5 * torch.randn(n_eval, *shape, generator=g),
-               "train_labels": torch.arange(n_train) % 10, "eval_labels": torch.arange(n_eval) % 10},
-              str(folder / "latents.safetensors"))
-    (folder / "codec.json").write_text(json.dumps({"kind": "identity", "latent_shape": list(shape), "sigma_data": 0.5}))
-    return folder
 
 
 def refused(path: Path, **kw) -> str:
@@ -393,14 +383,105 @@ def test_train_stops_after_max_nonfinite_in_a_row_naming_the_step():
 
 
 def test_a_non_finite_stop_keeps_the_last_good_checkpoint(tmp_path):
-    from study.checkpoint import LAST, Checkpointer
+    from study.checkpoint import LAST, PREV, Checkpointer
 
     net, data, loss_fn, seen = _linear_problem(lambda step: step >= 5)
     ck = Checkpointer(tmp_path / "teacher-x", every=2, run_fingerprint="run")
     with pytest.raises(StageError) as e:
         _train(net, data, loss_fn, steps=50, max_nonfinite=3, checkpoint=ck)
-    assert "step 7" in str(e.value) and f"the last checkpoint is kept in {ck.directory}" in str(e.value)
-    state = ck.restore()  # the newest checkpoint: step 6 (taken after the skipped step 5 left the weights alone)
-    assert state["step"] == 6 and state["skipped"] == 1
-    assert torch.equal(state["net"]["weight"], net.weight.detach())  # skipped steps never touched the weights
-    assert (ck.directory / LAST).is_file()
+    assert "step 7" in str(e.value) and f"it resumes from {ck.directory / LAST}, taken before the streak" in str(e.value)
+    # The streak began at step 5, so the update of step 4 led into it: the checkpoint of step 6 (weights after
+    # step 4) is deleted, and the one of step 4 (weights after step 3) is the newest kept.
+    state = ck.restore()
+    assert state["step"] == 4 and state["skipped"] == 0
+    assert not (ck.directory / PREV).is_file()
+
+
+def test_after_a_non_finite_stop_a_lower_lr_resumes_from_before_the_streak(tmp_path):
+    """The advice is true: lower the learning rate and re-run, and the run resumes (the lr may change on resume)."""
+    from helpers import section
+    from study import checkpoint as ckpt
+
+    params = section("teacher")
+    lower = section("teacher", lr=params.lr / 10)
+    base, inputs = section("base"), [tmp_path / "data"]
+    inputs[0].write_bytes(b"data")
+    make = lambda p: ckpt.run_checkpointer(tmp_path, "teacher-x", 2, stage="teacher", params=p, base=base, inputs=inputs)
+    assert make(params).run_fingerprint == make(lower).run_fingerprint
+    assert make(params).run_fingerprint != make(section("teacher", P_mean=0.0)).run_fingerprint
+
+
+def test_train_starts_afresh_from_a_checkpoint_of_the_right_run_that_does_not_fit(tmp_path):
+    """Same fingerprint, other shapes (a network edited in place): ignored with a note, never a traceback."""
+    from study.checkpoint import Checkpointer, write_checkpoint
+
+    net, data, loss_fn, seen = _linear_problem(set())
+    ck = Checkpointer(tmp_path / "teacher-x", every=100, run_fingerprint="run")
+    write_checkpoint(ck.directory, {"step": 3, "net": {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}}, "run")
+    result = _train(net, data, loss_fn, steps=4, max_nonfinite=3, checkpoint=ck)
+    assert seen == [0, 1, 2, 3] and result.resumed_from == 0
+    assert "does not fit this run" in ck.notes[0] and "starting afresh" in ck.notes[0]
+
+
+def test_a_run_whose_every_sample_was_masked_fails(tmp_path):
+    """sCM masks samples with a non-finite tangent; a run where every sample was masked trained on nothing."""
+    net, data, _, _ = _linear_problem(set())
+
+    def all_masked(step, x0, noise):
+        loss = (net(x0) * 0).sum()
+        return LossOutput(loss=loss, per_sample=torch.zeros(len(x0)), t=torch.zeros(len(x0)),
+                          stats={"mse": float("nan"), "nonfinite": len(x0)})
+
+    with pytest.raises(StageError, match=r"^linear: no step trained on a finite sample \(0 of 3 steps skipped"):
+        _train(net, data, all_masked, steps=3, max_nonfinite=5)
+
+
+def test_a_model_with_non_finite_weights_is_refused(tmp_path):
+    net = build_net("cpu-xs", SHAPE)
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("nan"))
+    save_model(tmp_path / "nan.safetensors", net, META)
+    msg = refused(tmp_path / "nan.safetensors")
+    assert "holds NaN or inf" in msg
+
+
+def test_json_outputs_are_strict(tmp_path):
+    import json
+
+    from study.files import write_json
+
+    write_json(tmp_path / "m.json", {"fid": float("nan"), "ok": 1.5, "nested": [float("inf"), {"x": float("-inf")}]})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == \
+        {"fid": None, "ok": 1.5, "nested": [None, {"x": None}]}
+
+
+def _with_meta(model_file: Path, dest: Path, **changes) -> Path:
+    """A copy of ``model_file`` whose 'scm' metadata has ``changes`` ('unet.<key>' edits the network description)."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_file), framework="pt") as f:
+        info = json.loads(f.metadata()["scm"])
+    for key, value in changes.items():
+        section, _, field = key.rpartition("__")
+        (info[section] if section else info)[field] = value
+    save_file(load_file(str(model_file)), str(dest), metadata={"scm": json.dumps(info)})
+    return dest
+
+
+def test_a_forged_width_is_refused_before_anything_is_allocated(model_file, tmp_path):
+    """model_channels = 10⁶ would be ~10¹³ parameters: the file's header alone refutes it, on the meta device."""
+    import resource
+
+    forged = _with_meta(model_file, tmp_path / "wide.safetensors", unet__model_channels=1_000_000)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    msg = refused(forged)
+    assert "weights do not match the network they describe (tensor" in msg
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: no real allocation
+
+
+def test_huge_metadata_values_are_not_echoed_whole(model_file, tmp_path):
+    forged = _with_meta(model_file, tmp_path / "long.safetensors", scale="x" * 2_000_000)
+    msg = refused(forged, expect_scale="cpu-xs")
+    assert len(msg) < 400 and "…" in msg

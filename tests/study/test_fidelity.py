@@ -1,4 +1,4 @@
-"""stages/fidelity.py: torch-fidelity metrics in the classifier's feature space and in Inception's, offline.
+"""study/fidelity.py: torch-fidelity metrics in the classifier's feature space and in Inception's, offline.
 
 FID between two samples of one distribution is small and grows when modes are dropped; a set against itself gives
 ~0; keys name their feature space; reference statistics are cached under a content + weights hash; Inception runs
@@ -21,32 +21,9 @@ from stages import classifier
 from study import classifier as study_classifier
 from study import fidelity
 from study.errors import StageError
-from helpers import section
+from helpers import section, shapes
 
 TINY = section("classifier", steps=100, batch_size=32, lr=5e-3, width=16, feature_dim=32, max_shift=1)
-
-
-# Same generator as tests/stages/test_classifier.py (test files do not import each other).
-def shapes(n: int, seed: int, size: int = 16, classes: tuple[int, ...] = (0, 1, 2, 3)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Synthetic labelled uint8 (N, 1, size, size) images: a horizontal bar, a vertical bar, a diagonal or a hollow
-    square, at a random place and brightness, on a noisy black background."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
-    x = torch.zeros(n, size, size)
-    corner = torch.randint(1, size - 8, (n, 2), generator=g).tolist()
-    brightness = (150 + 105 * torch.rand(n, generator=g)).tolist()
-    for i, (label, (r, c), b) in enumerate(zip(labels.tolist(), corner, brightness)):
-        if label == 0:
-            x[i, r + 3, c : c + 7] = b
-        elif label == 1:
-            x[i, r : r + 7, c + 3] = b
-        elif label == 2:
-            x[i, torch.arange(r, r + 7), torch.arange(c, c + 7)] = b
-        else:
-            x[i, r : r + 6, c : c + 6] = b
-            x[i, r + 1 : r + 5, c + 1 : c + 5] = 0
-    x = x + 12 * torch.randn(n, size, size, generator=g)
-    return x.clamp(0, 255).round().to(torch.uint8).unsqueeze(1), labels  # (N, 1, H, W), (N,)
 
 
 CLF_KEYS = {"fid_clf", "kid_clf_mean", "kid_clf_std", "precision_clf", "recall_clf", "f_score_clf", "isc_clf_mean", "isc_clf_std"}
@@ -159,32 +136,49 @@ def test_second_call_hits_the_cache_and_a_changed_reference_never_reuses_it(
     import torch_fidelity.utils
 
     extracted: list[int] = []
-    real = torch_fidelity.utils.extract_featuresdict_from_input_id
+    real = torch_fidelity.utils.get_featuresdict_from_dataset
 
-    def spy(input_id, *args, **kwargs):
-        extracted.append(input_id)
-        return real(input_id, *args, **kwargs)
+    def spy(dataset, *args, **kwargs):
+        extracted.append(len(dataset))
+        return real(dataset, *args, **kwargs)
 
-    monkeypatch.setattr(torch_fidelity.utils, "extract_featuresdict_from_input_id", spy)
+    monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", spy)
     cache = tmp_path / "cache"
     generated = shapes(300, seed=11)[0]
     name = fidelity.reference_cache_name(reference, features="clf", weights_path=clf_dir / classifier.WEIGHTS, reference_name="shapes")
 
     first = quality(generated, reference, clf_dir, cache)
-    files = sorted(p.name for p in cache.iterdir())
-    assert files and all(f.startswith(name + "-") for f in files)
-    assert any("-stat-fid-" in f for f in files) and extracted == [1, 2]
+    assert sorted(p.name for p in cache.iterdir()) == [f"{name}.safetensors"]  # safetensors: loading runs no code
+    assert extracted == [300, len(reference)]
     second = quality(generated, reference, clf_dir, cache)
-    assert extracted == [1, 2, 1]  # the reference came from the cache
+    assert extracted[2:] == [300]  # the reference came from the cache
     assert second == first
 
     # Another reference under the same reference_name: a new cache entry, and the same numbers as with no cache.
     other = shapes(300, seed=20, classes=(2, 3))[0]
     changed = quality(generated, other, clf_dir, cache)
-    assert extracted[3:] == [1, 2]
+    assert extracted[3:] == [300, 300]
     assert changed == quality(generated, other, clf_dir, tmp_path / "fresh")
     assert changed["fid_clf"] != first["fid_clf"]
-    assert len({f.split("-scm-classifier-")[0] for f in (p.name for p in cache.iterdir())}) == 2
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_the_metrics_are_torch_fidelitys_calculate_metrics(clf_dir: Path, reference: torch.Tensor, tmp_path: Path) -> None:
+    """Features extracted here and torch-fidelity's metric functions give calculate_metrics' numbers exactly."""
+    from torch_fidelity import calculate_metrics
+
+    generated = shapes(300, seed=12)[0]
+    ours = quality(generated, reference, clf_dir, tmp_path / "cache", kid_subsets=10)
+    theirs = calculate_metrics(
+        input1=fidelity.ImageTensorDataset(generated), input2=fidelity.ImageTensorDataset(reference), fid=True, kid=True,
+        prc=True, isc=True, feature_extractor=fidelity.register_classifier_extractor(),
+        feature_extractor_weights_path=str(clf_dir / classifier.WEIGHTS), kid_subset_size=100, kid_subsets=10,
+        isc_splits=10, prc_neighborhood=fidelity.PRC_NEIGHBORHOOD, cuda=False, batch_size=200, cache=False,
+        save_cpu_ram=True, rng_seed=2020, verbose=False)
+    assert ours["fid_clf"] == theirs["frechet_inception_distance"]
+    assert ours["kid_clf_mean"] == theirs["kernel_inception_distance_mean"]
+    assert ours["precision_clf"] == theirs["precision"] and ours["recall_clf"] == theirs["recall"]
+    assert ours["isc_clf_mean"] == theirs["inception_score_mean"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -220,7 +214,8 @@ def test_inception_plumbing_with_a_local_weights_file(random_inception: Path, tm
     assert {"fid_inception", "kid_inception_mean", "precision_inception", "isc_inception_mean"} <= set(result)
     assert not any(k.endswith("_clf") or k == "fid" for k in result)
     assert math.isfinite(result["fid_inception"]) and result["fid_inception"] >= 0
-    assert all(p.name.startswith("shapes-") and "-inception" in p.name for p in tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("shapes-")] == \
+        [f"{fidelity.reference_cache_name(reference, features='inception', weights_path=random_inception, reference_name='shapes')}.safetensors"]
 
 
 def test_user_given_inception_weights_that_are_missing_or_malformed(random_inception: Path, tmp_path: Path) -> None:
@@ -243,6 +238,47 @@ def test_user_given_inception_weights_that_are_missing_or_malformed(random_incep
     with pytest.raises(StageError, match=r"wrong-shape.pth'.*size mismatch for fc.weight") as error:
         fidelity.compute_quality(images, images, inception_weights=wrong, **kwargs)
     assert "\n" not in str(error.value)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_no_file_a_user_can_write_is_unpickled_by_torch_fidelity(clf_dir, reference, random_inception, tmp_path,
+                                                                   monkeypatch) -> None:
+    """Payloads where torch-fidelity would unpickle (its cache, the hub cache, a given weights path) never run."""
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(_Payload(marker))
+    # torch-fidelity's own cache, under every name it would look for in the cache directory: never read.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    name = fidelity.reference_cache_name(reference, features="clf", weights_path=clf_dir / classifier.WEIGHTS, reference_name="shapes")
+    for suffix in ("-scm-classifier-features-clf_features.pt", "-scm-classifier-stat-fid-clf_features.pt"):
+        (cache / f"{name}{suffix}").write_bytes(payload)
+    result = quality(shapes(300, seed=11)[0], reference, clf_dir, cache)
+    assert math.isfinite(result["fid_clf"]) and not marker.exists()
+    # Inception weights: a payload given as evaluate.inception_weights, or waiting in the torch hub cache.
+    evil = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    evil.write_bytes(payload)
+    images = shapes(6, seed=30)[0]
+    with pytest.raises(StageError, match=r"not torch-fidelity's inception-v3-compat state_dict \(not a plain state_dict"):
+        fidelity.compute_quality(images, images, features="inception", inception_weights=evil, kid_subset_size=4,
+                                 cache_dir=cache, reference_name="shapes")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / fidelity.INCEPTION_URL_NAME
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(payload)
+    path, status = fidelity.resolve_inception_weights(None)
+    assert path is None and "the cached Inception weights are unusable" in status
+    assert not marker.exists()
 
 
 def test_no_inception_weights_offline_is_skipped_quickly_with_a_reason(tmp_path: Path, monkeypatch) -> None:

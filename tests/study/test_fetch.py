@@ -1,14 +1,16 @@
-"""stages/fetch.py against a real HTTP server on 127.0.0.1: a good file arrives verified, and every failure (wrong
+"""study/fetch.py against a real HTTP server on 127.0.0.1: a good file arrives verified, and every failure (wrong
 bytes, a cut connection, 404, nothing listening, a missing sha256) is one StageError that leaves no file behind and
 an existing destination untouched. Also local file/directory sources."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        elif self.path == "/drip.bin":
+            # A byte every 0.2 s: each read succeeds long before its timeout; only an overall deadline ends it.
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(GOOD)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for i in range(50):
+                    self.wfile.write(GOOD[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+        elif self.path == "/huge.bin":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(GOOD)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                self.wfile.write(GOOD)
         elif self.path == "/truncated.bin":
             # Promise the whole file, send a third of it, then hang up.
             self.send_response(200)
@@ -106,6 +124,29 @@ def test_fetch_routes_urls_to_download_and_normalises_the_sha256(server, tmp_pat
     assert fetch(f"{base}/good.bin", f"  {GOOD_SHA.upper()}\n", dest) == dest
     assert dest.read_bytes() == GOOD
     assert listing(tmp_path) == ["model.bin"]
+
+
+def test_a_slow_download_is_stopped_by_the_overall_deadline(server, tmp_path):
+    base, _ = server
+    start = time.monotonic()
+    with pytest.raises(StageError, match=r"drip.bin: not complete after 1 s \(\d+ bytes\); the partial file was deleted"):
+        download(f"{base}/drip.bin", GOOD_SHA, tmp_path / "m.bin", timeout=5, deadline_s=1.0)
+    assert time.monotonic() - start < 4
+    assert listing(tmp_path) == []
+
+
+def test_a_download_larger_than_the_limit_is_refused(server, tmp_path):
+    base, _ = server
+    with pytest.raises(StageError, match=rf"huge.bin: {len(GOOD)} bytes announced, more than the 1000-byte limit"):
+        download(f"{base}/huge.bin", GOOD_SHA, tmp_path / "m.bin", max_bytes=1000)
+    assert listing(tmp_path) == []
+
+
+def test_credentials_in_a_download_url_are_never_echoed(tmp_path):
+    url = closed_port_url().replace("http://", "http://alice:s3cret@")
+    with pytest.raises(StageError) as e:
+        download(url, GOOD_SHA, tmp_path / "m.bin")
+    assert "s3cret" not in str(e.value) and "alice" not in str(e.value) and "***@127.0.0.1" in str(e.value)
 
 
 def test_corrupted_download_is_deleted(server, tmp_path):
@@ -214,3 +255,17 @@ def test_missing_local_source(tmp_path, kind):
         fetch(str(src), "", tmp_path / "out" / "model.safetensors")
     assert str(src) in str(e.value)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_an_mlflow_uri_cannot_climb_out_of_its_artifacts(tmp_path):
+    with pytest.raises(StageError, match=r"'\.\.' in an MLflow URI would read outside"):
+        fetch("runs:/0123abcd/../../etc", "", tmp_path / "m.safetensors")
+
+
+def test_an_mlflow_source_without_a_store_creates_none(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StageError, match=r"an MLflow source needs a store: set MLFLOW_TRACKING_URI"):
+        fetch("models:/scm-teacher/1", "", tmp_path / "m.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

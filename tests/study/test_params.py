@@ -1,0 +1,154 @@
+"""study/params.py: the project's params.yaml resolves under every profile; the training-reliability keys are
+typed and range-checked; a bare YAML `off` is read as the string it was meant to be."""
+
+from __future__ import annotations
+
+import pytest
+
+from study.errors import StageError
+from study.files import REPO_ROOT
+from study.params import load, parse_overrides, resolve
+from helpers import default_raw
+
+
+@pytest.mark.parametrize("profile", ["default", "smoke", "cifar10-gpu", "imagenet512-gpu"])
+def test_every_profile_of_the_project_resolves(profile):
+    p = load(REPO_ROOT / "params.yaml", profile)
+    gpu = profile.endswith("-gpu")
+    assert p.base.precision == ("bf16" if gpu else "fp32")
+    assert p.base.checkpoint_dir == "checkpoints"
+    assert p.teacher.checkpoint_every > 0 and p.distill.checkpoint_every > 0 and p.encode.checkpoint_every > 0
+    assert p.teacher.max_nonfinite_steps == p.distill.max_nonfinite_steps == 20
+
+
+@pytest.mark.parametrize("override, named", [
+    ("base.precision=fp16", "base.precision: expected one of 'fp32', 'bf16', got 'fp16'"),
+    ("teacher.checkpoint_every=-1", "teacher.checkpoint_every"),
+    ("distill.batch_per_device=-8", "distill.batch_per_device"),
+    ("distill.max_nonfinite_steps=0", "distill.max_nonfinite_steps"),
+    ("base.checkpoint_dir=3", "base.checkpoint_dir: expected str, got 3"),
+])
+def test_reliability_keys_are_checked(override, named):
+    with pytest.raises(StageError, match=named.replace("(", r"\(")):
+        resolve(default_raw(), overrides=parse_overrides([override]))
+
+
+def test_a_bare_yaml_off_means_the_string_off():
+    assert resolve(default_raw(), overrides=parse_overrides(["evaluate.inception=off"])).evaluate.inception == "off"
+    with pytest.raises(StageError, match="distill.method: expected one of 'scd', 'sct', got False"):
+        resolve(default_raw(), overrides=parse_overrides(["distill.method=off"]))  # only where 'off' is a choice
+
+
+def test_every_value_comes_from_params_yaml():
+    """The loader holds types and ranges, never a second set of values: a key missing from params.yaml is an error."""
+    raw = default_raw()
+    del raw["distill"]["lr"]
+    with pytest.raises(StageError, match=r"^distill\.lr: missing"):
+        resolve(raw)
+    with pytest.raises(StageError, match=r"^base\.seed: missing"):
+        resolve({})
+
+
+@pytest.mark.parametrize("section, new", [("teacher", "teacher.lr_warmup_steps"), ("distill", "distill.tangent_warmup_steps")])
+def test_the_old_warmup_key_names_the_new_one(section, new):
+    with pytest.raises(StageError, match=rf"^{section}\.warmup_steps: renamed to {new}"):
+        resolve(default_raw(), overrides={section: {"warmup_steps": 10}})
+    raw = default_raw()
+    raw["profiles"]["smoke"][section]["warmup_steps"] = 3
+    with pytest.raises(StageError, match=rf"^profiles\.smoke\.{section}\.warmup_steps: renamed to {new}"):
+        resolve(raw)
+
+
+def test_both_training_stages_have_a_configurable_learning_rate_warmup():
+    p = resolve(default_raw(), overrides={"teacher": {"lr_warmup_steps": 7}, "distill": {"lr_warmup_steps": 9}})
+    assert (p.teacher.lr_warmup_steps, p.distill.lr_warmup_steps, p.distill.tangent_warmup_steps) == (7, 9, 1000)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the loader used to accept silently, and cross-section checks at load time.
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_repeated_key_is_refused_as_dvc_refuses_it(tmp_path):
+    text = (REPO_ROOT / "params.yaml").read_text().replace("  lr: 0.001\n", "  lr: 0.001\n  lr: 0.5\n", 1)
+    with pytest.raises(StageError, match=r"params.yaml: not valid YAML \(duplicate key 'lr' at line \d+\)$"):
+        load(_write(tmp_path, text))
+
+
+def test_exponent_floats_are_floats_in_the_file_and_in_overrides(tmp_path):
+    text = (REPO_ROOT / "params.yaml").read_text().replace("  lr: 0.0001 ", "  lr: 1e-4 ", 1)
+    assert "lr: 1e-4" in text
+    assert load(_write(tmp_path, text)).distill.lr == 1e-4
+    assert load(REPO_ROOT / "params.yaml", overrides=["distill.lr=2e-4", "teacher.lr=1E-3"]).distill.lr == 2e-4
+    from pipeline.cli import parse_grid
+
+    assert parse_grid(["distill.lr=[1e-4, 2e-4]"]) == {"distill.lr": [1e-4, 2e-4]}  # the example sweep --help prints
+    assert parse_grid(["distill.lr=1e-4,2e-4"]) == {"distill.lr": [1e-4, 2e-4]}
+
+
+def test_an_empty_params_file_is_refused(tmp_path):
+    with pytest.raises(StageError, match=r"params.yaml: empty"):
+        load(_write(tmp_path, "# nothing\n"))
+
+
+def test_a_profile_named_default_is_refused():
+    raw = default_raw()
+    raw["profiles"]["default"] = {"teacher": {"steps": 5}}
+    with pytest.raises(StageError, match=r"^profiles.default: 'default' names the top-level sections"):
+        resolve(raw)
+
+
+@pytest.mark.parametrize("scales, named", [
+    ([], "base.scales: expected at least one scale"),
+    (["cpu-xs", "cpu-s", "cpu-xs"], "base.scales: scale 'cpu-xs' is listed twice"),
+    (["cpu-xxs"], "base.scales: unknown scale 'cpu-xxs' (accepted: cpu-xs, cpu-s"),
+])
+def test_scales_are_checked_at_load(scales, named):
+    with pytest.raises(StageError) as e:
+        resolve(default_raw(), overrides={"base": {"scales": scales}})
+    assert str(e.value).startswith(named)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"base": {"sigma_data": 50.0}}, "sample.t_mid: expected a value < t_max = arctan(80/base.sigma_data) = 1.0122"),
+    ({"evaluate": {"kid_subset_size": 1001}}, "evaluate.kid_subset_size: expected a value <= sample.num_samples = 1000"),
+    ({"base": {"seed": 2**64}}, "base.seed: expected a value >= 0 and <= 4611686018427387904"),
+])
+def test_checks_across_sections_come_at_load_not_in_a_late_stage(overrides, named):
+    with pytest.raises(StageError) as e:
+        resolve(default_raw(), overrides=overrides)
+    assert str(e.value).startswith(named), str(e.value)
+
+
+def test_an_unused_profile_is_checked_across_sections_too():
+    raw = default_raw()
+    raw["profiles"]["smoke"]["base"]["sigma_data"] = 50.0  # valid alone; t_mid = 1.1 is then beyond t_max
+    with pytest.raises(StageError, match=r"^profiles.smoke: sample.t_mid: expected a value < t_max"):
+        resolve(raw)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("=5", "override '=5': expected a dotted key before '='"),
+    ("distill.=5", "override 'distill.=5': expected a dotted key before '='"),
+    ("teacher.source=''", "teacher.source: empty (expected train, a local path"),
+])
+def test_errors_name_the_key(override, named):
+    with pytest.raises(StageError) as e:
+        load(REPO_ROOT / "params.yaml", overrides=[override])
+    assert str(e.value).startswith(named), str(e.value)
+
+
+def test_a_newline_in_an_error_cannot_forge_a_second_error_line(capsys):
+    from study.cli import cli
+
+    def main(argv):
+        raise StageError("data/evil\nerror: all is well: not found")
+
+    assert cli(main, []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: data/evil\\nerror: all is well")

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from scm.trigflow import SIGMA_MAX, T_MID, VelocityFn, append_dims, check_sigma_data, consistency_fn, ddim_step, t_max
+from scm.constants import SIGMA_MAX, T_MID
+from scm.trigflow import VelocityFn, append_dims, check_sigma_data, consistency_fn, ddim_step, t_max
 
 
 def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], n: int, *, sigma_data: float,

@@ -15,10 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-# t_max = arctan(σ_max/σ_d) with EDM's σ_max = 80 (paper App. G.2).
-SIGMA_MAX = 80.0
-# 2-step sampling's intermediate time (paper §5.2).
-T_MID = 1.1
+from scm.constants import SIGMA_MAX
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> dx_t/dt = σ_d·F(x_t/σ_d, t)
 

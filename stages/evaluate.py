@@ -31,9 +31,9 @@ from study.errors import StageError
 from study.fidelity import compute_quality, summarise_seeds
 from study.files import check_paths, read_tensors, write_json
 from study.images import load_split
+from study.layout import METHODS
 from study.params import BaseParams, EvaluateParams, SampleParams, to_plain
 from study.runtime import setup_torch
-from study.layout import METHODS
 from study.sampling import Sampler, build_samplers, load_models
 
 QUALITY_METHODS = (*METHODS, "recon")

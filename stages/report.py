@@ -15,9 +15,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from study import layout
 from study.cli import add_params_args, cli, load_args
 from study.errors import StageError
-from study import layout
 from study.files import atomic_output_dir, check_paths, write_json, write_provenance
 from study.params import BaseParams, ReportParams, to_plain
 

@@ -17,14 +17,14 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from study import layout
 from study.cli import add_params_args, cli, load_args
 from study.codec import load_codec
-from study import layout
 from study.files import atomic_output_dir, check_paths, write_json, write_provenance
 from study.images import save_grid
+from study.layout import METHODS
 from study.params import BaseParams, SampleParams, to_plain
 from study.runtime import setup_torch
-from study.layout import METHODS
 from study.sampling import build_samplers, generate, load_models, seeds_of
 
 

@@ -23,6 +23,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from scm.constants import SIGMA_MAX
 from scm.scales import SCALES
 from study.errors import StageError
 
@@ -445,8 +446,6 @@ def resolve(raw: dict, profile: str | None = None, overrides: dict | None = None
 
 def check_across_sections(p: Params) -> None:
     """The checks that span sections, at load time rather than in the stage that would trip over them."""
-    from scm.trigflow import SIGMA_MAX
-
     t_max = math.atan(SIGMA_MAX / p.base.sigma_data)
     if p.sample.t_mid >= t_max:
         raise StageError(f"sample.t_mid: expected a value < t_max = arctan({SIGMA_MAX:g}/base.sigma_data) = {t_max:.4f}, "

@@ -96,3 +96,37 @@ def test_the_flow_record_and_registry_work_against_the_server(mlflow_server, rep
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     got = fetch(f"models:/{tracking.model_name('smoke', 'cpu-xs')}/{summary['model_version']}", "", tmp_path / "m.safetensors")
     assert got.read_bytes() == (project / "artifacts/cpu-xs/distill/model.safetensors").read_bytes()
+
+
+def test_credentials_in_the_tracking_uri_reach_no_prefect_record(mlflow_server, reproduced, tmp_path, monkeypatch,
+                                                                    capsys):
+    """`--tracking-uri http://user:password@host` against a real server: the password reaches no console line, no
+    flow-run parameter or state message, no stored log and no artifact (it travels in the environment)."""
+    import json
+    import shutil
+
+    from prefect.client.orchestration import get_client
+
+    from helpers import artifacts, logs
+    from pipeline import cli
+
+    project = tmp_path / "copy"
+    shutil.copytree(reproduced.project, project, symlinks=True)  # with dvc.lock and the cache: every stage skips
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(key, raising=False)
+    secret = "s3cret-pw-4711"
+    uri = mlflow_server.replace("http://", f"http://alice:{secret}@")
+    code = cli.main(["reproduce", "--profile", "smoke", "--project", str(project), "--tracking-uri", uri])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    assert secret not in out.out + out.err and "alice" not in out.out + out.err
+
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs(limit=200) if r.parameters.get("project") == str(project)]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.parameters["tracking_uri"] == mlflow_server
+    assert secret not in json.dumps(run.parameters, default=str) and secret not in (run.state.message or "")
+    assert not [m for m in logs(flow_run_id=run.id) if secret in m]
+    for artifact in artifacts(run.id).values():
+        assert secret not in f"{artifact.description} {json.dumps(artifact.data, default=str)}", artifact.key

@@ -29,13 +29,7 @@ TINY = section("classifier", steps=100, batch_size=32, lr=5e-3, width=16, featur
 CLF_KEYS = {"fid_clf", "kid_clf_mean", "kid_clf_std", "precision_clf", "recall_clf", "f_score_clf", "isc_clf_mean", "isc_clf_std"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny nets gain nothing from intra-op threads, and on a shared 2-core machine two threads can run 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

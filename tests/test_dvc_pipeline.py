@@ -3,13 +3,16 @@ a second `dvc repro` does nothing, and a parameter change invalidates exactly th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,19 +111,26 @@ def test_metrics_show_lists_the_evaluation(repro):
     assert "fid_clf_scm2" in out and "speedup_scm2" in out
 
 
+@contextlib.contextmanager
+def edited(path: Path, old: str, new: str, *, then: Callable[[], Any] = lambda: None):
+    """``path`` with its first ``old`` replaced by ``new`` inside the block; restored afterwards, then ``then()``."""
+    original = path.read_text()
+    assert old in original, old
+    try:
+        path.write_text(original.replace(old, new, 1))
+        yield
+    finally:
+        path.write_text(original)
+        then()
+
+
 def test_a_distill_parameter_invalidates_only_what_depends_on_it(repro):
     repo, _ = repro
-    params = repo / "params.yaml"
-    original = params.read_text()
-    try:
-        params.write_text(original.replace("  tangent_c: 0.1 ", "  tangent_c: 0.2 ", 1))
-        assert params.read_text() != original
+    with edited(repo / "params.yaml", "  tangent_c: 0.1 ", "  tangent_c: 0.2 "):
         status = _run([sys.executable, "-m", "dvc", "status", "--json"], repo)
         changed = set(json.loads(status))
         assert {f"distill@{s}" for s in SCALES} <= changed
         assert not any(k.startswith(("teacher@", "data", "encode", "classifier")) for k in changed), changed
-    finally:
-        params.write_text(original)
 
 
 def test_fresh_seeds_scores_the_finished_models_on_unused_seed_sets(repro):
@@ -144,25 +154,18 @@ def test_a_comment_edit_reruns_its_stage_and_nothing_downstream(repro):
     """The git commit and the timings live in provenance.json, outside DVC's hash: a re-run that computes the same
     latents leaves every downstream stage up to date."""
     repo, _ = repro
-    path = repo / "stages" / "encode.py"
-    original = path.read_text()
-    try:
-        path.write_text(original + "\n# a comment\n")
+    repro_again = lambda: _run([sys.executable, "-m", "dvc", "repro"], repo, timeout=600)
+    with edited(repo / "stages" / "encode.py", '"""Stage ``encode``', '# a comment\n"""Stage ``encode``', then=repro_again):
         log = _run([sys.executable, "-m", "dvc", "repro"], repo, timeout=600)
         assert re.findall(r"Running stage '([^']+)'", log) == ["encode"], log[-2000:]
         assert (repo / "data/latents/provenance.json").is_file()
-    finally:
-        path.write_text(original)
-        _run([sys.executable, "-m", "dvc", "repro"], repo, timeout=600)
 
 
 def test_a_stage_killed_under_dvc_repro_resumes_from_its_checkpoint(repro):
     """SIGKILL inside distill@cpu-xs during `dvc repro` (SCM_FAILPOINT); the next `dvc repro` resumes it."""
     repo, _ = repro
-    params = repo / "params.yaml"
-    original = params.read_text()
-    try:
-        params.write_text(original.replace("  tangent_c: 0.1 ", "  tangent_c: 0.15 ", 1))
+    repro_again = lambda: _run([sys.executable, "-m", "dvc", "repro"], repo, timeout=600)
+    with edited(repo / "params.yaml", "  tangent_c: 0.1 ", "  tangent_c: 0.15 ", then=repro_again):
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                "SCM_FAILPOINT": "step:5", "DVC_NO_ANALYTICS": "true"}
         killed = subprocess.run([sys.executable, "-m", "dvc", "repro", "distill@cpu-xs"], cwd=repo, env=env,
@@ -173,6 +176,3 @@ def test_a_stage_killed_under_dvc_repro_resumes_from_its_checkpoint(repro):
         assert "resuming from" in log and "at step 3" in log, log[-2000:]
         assert json.loads((repo / "metrics/cpu-xs/distill.json").read_text())["resumed_from_step"] == 3
         assert not (repo / "checkpoints" / "distill-cpu-xs").exists()  # cleared once the outputs are written
-    finally:
-        params.write_text(original)
-        _run([sys.executable, "-m", "dvc", "repro"], repo, timeout=600)

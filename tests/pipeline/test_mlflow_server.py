@@ -130,3 +130,28 @@ def test_credentials_in_the_tracking_uri_reach_no_prefect_record(mlflow_server, 
     assert not [m for m in logs(flow_run_id=run.id) if secret in m]
     for artifact in artifacts(run.id).values():
         assert secret not in f"{artifact.description} {json.dumps(artifact.data, default=str)}", artifact.key
+
+    # Task runs (names, inputs, states) and the server's event stream (what the UI's event feed shows).
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.events.filters import EventFilter, EventRelatedFilter
+
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])), limit=200)
+    assert tasks, "the flow ran no task"
+    for task in tasks:
+        assert secret not in task.model_dump_json(), task.name
+    related = EventFilter(related=EventRelatedFilter(id=[f"prefect.flow-run.{run.id}"]))
+    deadline, events = time.monotonic() + 20, []
+    while time.monotonic() < deadline:  # events are written asynchronously
+        with get_client(sync_client=True) as client:
+            page = client.read_events(filter=related, limit=50)  # the server's maximum page
+            events = list(page.events)
+            while page.next_page:
+                page = client.read_events_page(page.next_page)
+                events += page.events
+        if any(e.event.startswith("prefect.task-run.") for e in events):
+            break
+        time.sleep(0.5)
+    assert events, "no event of the flow run reached the server"
+    for event in events:
+        assert secret not in event.model_dump_json(), event.event

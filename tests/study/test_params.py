@@ -34,7 +34,8 @@ def test_reliability_keys_are_checked(override, named):
 
 
 def test_a_bare_yaml_off_means_the_string_off():
-    assert resolve(default_raw(), overrides=parse_overrides(["evaluate.inception=off"])).evaluate.inception == "off"
+    for value in ("on", "off"):
+        assert resolve(default_raw(), overrides=parse_overrides([f"evaluate.inception={value}"])).evaluate.inception == value
     with pytest.raises(StageError, match="distill.method: expected one of 'scd', 'sct', got False"):
         resolve(default_raw(), overrides=parse_overrides(["distill.method=off"]))  # only where 'off' is a choice
 
@@ -152,3 +153,15 @@ def test_a_newline_in_an_error_cannot_forge_a_second_error_line(capsys):
     assert cli(main, []) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: data/evil\\nerror: all is well")
+
+
+@pytest.mark.parametrize("profile", ["cifar10-gpu", "imagenet512-gpu"])
+def test_the_gpu_presets_evaluate_with_the_papers_protocol(profile):
+    """FID on 50,000 samples against every prepared image, the minimum over 3 seed sets, the field's Inception on
+    every set (EDM, EDM2 and the sCM paper report it so); FD-DINOv2 where the paper reports it (ImageNet 512)."""
+    p = resolve(default_raw(), profile=profile)
+    assert (p.sample.num_samples, p.sample.seed_sets) == (50000, 3)
+    assert (p.evaluate.reference, p.evaluate.headline, p.evaluate.inception, p.evaluate.detector_seed_sets) == ("all", "min", "on", 0)
+    assert p.evaluate.dinov2 == ("on" if profile == "imagenet512-gpu" else "off")
+    default = resolve(default_raw())
+    assert (default.evaluate.reference, default.evaluate.headline, default.evaluate.inception) == ("eval", "mean", "off")

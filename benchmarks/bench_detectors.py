@@ -77,7 +77,7 @@ def main() -> None:
 
     print(f"{torch.get_num_threads()} threads, {args.images} images of 28×28, batch {args.batch}")
     for name, spi in results.items():
-        print(f"{name:>10}: {spi * 1e3:9.1f} s per 1,000 images  ({spi / results['clf']:8.0f}x clf)")
+        print(f"{name:>10}: {spi * 1e3:10.2f} s per 1,000 images  ({spi / results['clf']:8.0f}x clf)")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def train_classifier(
     ``network`` (of ``width`` channels, peak learning rate ``lr``; defaults ``params.width`` and ``params.lr``) is
     either classifier of :mod:`study.classifier`.
     """
-    from tqdm import tqdm
+    from study.progress import bar as progress_bar
 
     # Initialise from the seed without touching the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
@@ -81,7 +81,7 @@ def train_classifier(
     generator = torch.Generator().manual_seed(seed)  # batches and shifts, drawn on the CPU whatever the device
     warmup = max(1, round(WARMUP_FRACTION * params.steps))
 
-    bar = tqdm(range(params.steps), desc=f"classifier: train {network.__name__}", unit="step", dynamic_ncols=True, disable=not progress)
+    bar = progress_bar(range(params.steps), desc=f"classifier: train {network.__name__}", unit="step", disable=not progress)
     for step in bar:
         # Learning rate: linear warm-up, then cosine decay to zero.
         progress_frac = (step - warmup) / max(1, params.steps - warmup)

@@ -386,9 +386,9 @@ def _bar(items: Sequence[T] | np.ndarray, desc: str, enabled: bool) -> Iterable[
     """``items`` behind a tqdm bar (on stderr) when enabled and there are many of them."""
     if not enabled or len(items) < PROGRESS_MIN_IMAGES:
         return items
-    from tqdm import tqdm
+    from study.progress import bar
 
-    return tqdm(items, desc=desc, unit="img", leave=False)
+    return bar(items, desc=desc, unit="img", leave=False)
 
 
 # --------------------------------------------------------------------------------------------------------------

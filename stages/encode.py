@@ -93,6 +93,8 @@ def train_autoencoder(images: Tensor, params: EncodeParams, seed: int,
     """
     from tqdm import tqdm
 
+    from study.progress import bar as progress_bar
+
     # Initial weights, batch order and posterior noise all come from the seed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -118,8 +120,8 @@ def train_autoencoder(images: Tensor, params: EncodeParams, seed: int,
         order, first_step, seconds_before = state["order"], state["step"], state["seconds"]
 
     start = time.perf_counter()
-    bar = tqdm(range(first_step, params.steps), initial=first_step, total=params.steps,
-               desc="encode: train AutoencoderKL", unit="step", dynamic_ncols=True)
+    bar = progress_bar(range(first_step, params.steps), initial=first_step, total=params.steps,
+                       desc="encode: train AutoencoderKL", unit="step")
     for step in bar:
         failpoint("step")
         # Next batch: consecutive epochs of seeded permutations.

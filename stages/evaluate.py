@@ -110,6 +110,25 @@ def feature_spaces(params: EvaluateParams, classifier_dir: Path, cache_dir: Path
     return spaces, status
 
 
+def headline_metrics(summary: dict[str, dict[str, Any]], spaces: list[str], headline: str) -> dict[str, float]:
+    """The flat metrics of ``metrics/<scale>/evaluate.json``: each metric's ``headline`` statistic over seed sets
+    (``mean`` or ``min``), the spread of each Fréchet distance, and each student's ratio to the teacher per space."""
+    flat: dict[str, float] = {}
+    for m in QUALITY_METHODS:
+        for name, s in summary[m].items():
+            if isinstance(s, dict) and s["mean"] is not None:
+                flat[layout.metric(name, m)] = s[headline]
+                if s["std"] is not None and name.startswith(("fid", "fd_")):
+                    flat[layout.metric_std(name, m)] = s["std"]
+    for space in spaces:
+        fd = layout.fd(space)
+        teacher_fd = flat.get(layout.metric(fd, "teacher"))
+        for m in layout.STUDENTS:
+            if teacher_fd and layout.metric(fd, m) in flat:
+                flat[layout.ratio(m, space)] = flat[layout.metric(fd, m)] / teacher_fd
+    return flat
+
+
 def run(params: EvaluateParams, sample_params: SampleParams, base: BaseParams, scale: str, *,
         prepared_dir: Path, latents_dir: Path, teacher_dir: Path, student_dir: Path, samples_dir: Path,
         classifier_dir: Path, metrics_path: Path, details_path: Path, cache_dir: Path, device: str = "cpu",
@@ -155,17 +174,7 @@ def run(params: EvaluateParams, sample_params: SampleParams, base: BaseParams, s
     # Flat metrics for dvc (the headline statistic over seed sets, with the spread), and the full record.
     flat: dict[str, Any] = {"scale": scale, "n_samples": sample_params.num_samples, "seed_sets": len(seed_sets),
                             "headline": params.headline}
-    for m in QUALITY_METHODS:
-        for name, s in summary[m].items():
-            if isinstance(s, dict) and s["mean"] is not None:
-                flat[layout.metric(name, m)] = s[params.headline]
-                if s["std"] is not None and name.startswith(("fid", "fd_")):
-                    flat[layout.metric_std(name, m)] = s["std"]
-    for space in spaces:
-        teacher_fd = flat.get(layout.metric(layout.fd(space.name), "teacher"))
-        for m in layout.STUDENTS:
-            if teacher_fd and layout.metric(layout.fd(space.name), m) in flat:
-                flat[layout.ratio(m, space.name)] = flat[layout.metric(layout.fd(space.name), m)] / teacher_fd
+    flat |= headline_metrics(summary, [space.name for space in spaces], params.headline)
     flat |= {k: v for k, v in speed.items() if isinstance(v, (int, float))}
     flat["clf_accuracy"] = held_out_accuracy(classifier_dir)  # how good the fid_clf feature extractor is
     flat["clf2_accuracy"] = held_out_accuracy(classifier_dir, "accuracy2")

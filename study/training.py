@@ -29,6 +29,7 @@ from study.checkpoint import Checkpointer, failpoint
 from study.errors import StageError
 from study.files import atomic_replace_file
 from study.params import TrainingParams
+from study.progress import bar as progress_bar
 
 
 class Minibatches:
@@ -174,8 +175,8 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
                 "history": history, "seconds": seconds_before + time.perf_counter() - start}
 
     start = time.perf_counter()
-    bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc=desc, dynamic_ncols=True,
-               mininterval=1.0, disable=not (progress and dist.is_main))
+    bar = progress_bar(range(first_step, steps), initial=first_step, total=steps, desc=desc, mininterval=1.0,
+                       disable=not (progress and dist.is_main))
     for step in bar:
         failpoint("step")
 

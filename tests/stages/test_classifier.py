@@ -39,14 +39,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_learns_synthetic_shapes_and_writes_outputs(trained: tuple[Path, dict]) -> None:
     out, result = trained
     assert result["accuracy"] >= 0.9, result  # chance is 0.25
-    assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "metrics.json", "model.safetensors", "provenance.json",
-                                                     "resolved_params.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "metrics.json", "model.safetensors",
+                                                     "model2.safetensors", "provenance.json", "resolved_params.json"]
     info = json.loads((out / "classifier.json").read_text())
     assert info["input_shape"] == [1, 16, 16] and info["num_classes"] == 4
     assert info["width"] == 16 and info["feature_dim"] == 32 and info["architecture"] == study_classifier.ARCHITECTURE
     assert info["accuracy"] == result["accuracy"] and info["n_train"] == 400 and info["n_eval"] == 200
     assert info["weights_sha256"] == classifier.sha256_file(out / "model.safetensors")
-    assert json.loads((out / "metrics.json").read_text()) == {"accuracy": result["accuracy"]}
+    assert json.loads((out / "metrics.json").read_text()) == {"accuracy": result["accuracy"], "accuracy2": result["accuracy2"]}
+    second = info["second"]  # the other architecture, the other seed, the same split
+    assert second["architecture"] == study_classifier.ARCHITECTURE2 and second["seed"] == BASE.seed + 1
+    assert second["weights_sha256"] == classifier.sha256_file(out / "model2.safetensors") and result["accuracy2"] >= 0.9
     resolved = json.loads((out / "resolved_params.json").read_text())
     assert resolved == {"params": resolved["params"]} and resolved["params"]["classifier"]["steps"] == TINY.steps
     provenance = json.loads((out / "provenance.json").read_text())  # the volatile part, outside DVC's hash
@@ -58,7 +61,7 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(trained: tupl
     out, _ = trained
     torch.manual_seed(123)  # the global RNG must not matter
     classifier.run(TINY, BASE, shapes(400, seed=0), shapes(200, seed=1), tmp_path / "again")
-    for name in ("model.safetensors", "classifier.json", "metrics.json"):
+    for name in ("model.safetensors", "model2.safetensors", "classifier.json", "metrics.json"):
         assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
     classifier.run(TINY, replace(BASE, seed=1), shapes(400, seed=0), shapes(200, seed=1), tmp_path / "other")
     assert (tmp_path / "other" / "model.safetensors").read_bytes() != (out / "model.safetensors").read_bytes()
@@ -136,7 +139,7 @@ def test_load_classifier_errors_name_the_path(trained: tuple[Path, dict], tmp_pa
     state = load_file(str(out / "model.safetensors"))
     no_meta = tmp_path / "no_meta.safetensors"
     save_file(state, str(no_meta))
-    with pytest.raises(StageError, match=f"{no_meta}: no scm-cnn-v1 architecture"):
+    with pytest.raises(StageError, match=f"{no_meta}: no scm-cnn-v1 or scm-pool-cnn-v1 architecture"):
         study_classifier.load_classifier(no_meta)
 
     net = study_classifier.load_classifier(out)

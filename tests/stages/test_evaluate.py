@@ -44,3 +44,20 @@ def test_the_feature_spaces_follow_the_switches(tmp_path: Path) -> None:
         spaces, status = evaluate.feature_spaces(section("evaluate", dinov2="on", dinov2_weights="nobody/no-such-dinov2"),
                                                  tmp_path / "clf", tmp_path / "cache")
     assert [s.name for s in spaces] == ["clf", "clf2"] and "FD-DINOv2 skipped" in status["dinov2"]
+
+
+def test_the_headline_is_the_mean_or_the_minimum_over_seed_sets_and_ratios_use_it() -> None:
+    from study.fidelity import summarise_seeds
+
+    per_seed = {"teacher": [{"fid_clf": 10.0, "fd_dinov2": 100.0}, {"fid_clf": 14.0}],
+                "scm1": [{"fid_clf": 20.0, "fd_dinov2": 150.0}, {"fid_clf": 12.0}],
+                "scm2": [{"fid_clf": 11.0, "fd_dinov2": 120.0}, {"fid_clf": 13.0}],
+                "recon": [{"fid_clf": 1.0}]}
+    summary = {m: summarise_seeds(v) for m, v in per_seed.items()}
+    mean = evaluate.headline_metrics(summary, ["clf", "dinov2"], "mean")
+    assert mean["fid_clf_teacher"] == 12.0 and mean["fid_clf_scm2"] == 12.0 and mean["fid_clf_ratio_scm1"] == 16 / 12
+    assert mean["fid_clf_teacher_std"] == pytest.approx(2 ** 1.5) and "fid_clf_recon_std" not in mean
+    assert mean["fd_dinov2_ratio_scm2"] == 1.2 and "fd_dinov2_teacher_std" not in mean  # one set: no spread
+    low = evaluate.headline_metrics(summary, ["clf", "dinov2"], "min")
+    assert (low["fid_clf_teacher"], low["fid_clf_scm1"], low["fid_clf_scm2"]) == (10.0, 12.0, 11.0)
+    assert low["fid_clf_ratio_scm2"] == 1.1 and low["fid_clf_teacher_std"] == mean["fid_clf_teacher_std"]

@@ -485,8 +485,51 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def committed_params(path: Path) -> dict | None:
+    """``params.yaml`` as the git commit ``HEAD`` holds it, parsed; None outside git or where HEAD has no such file."""
+    import subprocess
+
+    folder = Path(path).resolve().parent
+    try:
+        found = subprocess.run(["git", "-C", str(folder), "show", f"HEAD:./{Path(path).name}"], capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if found.returncode != 0:
+        return None
+    try:
+        committed = read_yaml(found.stdout)
+    except yaml.YAMLError:
+        return None
+    return committed if isinstance(committed, dict) else None
+
+
+def shadowed_edits(raw: dict, committed: dict | None, profile: str) -> list[str]:
+    """Top-level values edited since ``committed`` that the selected profile overrides with another value.
+
+    ``dvc exp run -S distill.steps=8 -S profile=smoke`` writes ``distill.steps: 8`` at the top level, where the smoke
+    profile's ``distill.steps`` shadows it: the run would silently train the profile's value while DVC records 8.
+    Each entry reads ``distill.steps = 8 (profiles.smoke.distill.steps = 6 wins)``.
+    """
+    if profile == "default" or not committed:
+        return []
+    overlay = (raw.get("profiles") or {}).get(profile) or {}
+    found = []
+    for section, keys in overlay.items():
+        for key, value in (keys or {}).items() if isinstance(keys, dict) else ():
+            now = (raw.get(section) or {}).get(key)
+            before = (committed.get(section) or {}).get(key) if isinstance(committed.get(section), dict) else None
+            if now != before and now != value:
+                found.append(f"{section}.{key} = {now!r} (profiles.{profile}.{section}.{key} = {value!r} wins)")
+    return found
+
+
 def load(path: str | Path = "params.yaml", profile: str | None = None, overrides: list[str] | dict | None = None) -> Params:
-    """Load and validate ``params.yaml`` (see :func:`resolve`)."""
+    """Load and validate ``params.yaml`` (see :func:`resolve`).
+
+    Refuses a top-level value edited since the last git commit that the selected profile shadows with another value
+    (:func:`shadowed_edits`): an explicit value either takes effect or stops the run.
+    """
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: params file not found")
@@ -498,4 +541,12 @@ def load(path: str | Path = "params.yaml", profile: str | None = None, overrides
         raise StageError(f"{path}: empty (params.yaml must give every section of the default profile)")
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    return resolve(raw, profile, overrides)
+    params = resolve(raw, profile, overrides)
+    overridden = {f"{section}.{key}" for section, keys in (overrides or {}).items() for key in keys}
+    shadowed = [e for e in shadowed_edits(raw, committed_params(path), params.profile)
+                if e.split(" = ", 1)[0] not in overridden]  # an -S override wins over both
+    if shadowed:
+        raise StageError(f"{path}: {shadowed[0]}: the profile overrides this edited top-level value; set it under "
+                         f"profiles.{params.profile} (dvc exp run -S profiles.{params.profile}.<key>=...) or select "
+                         "the default profile")
+    return params

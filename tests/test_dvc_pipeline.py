@@ -21,13 +21,16 @@ SCALES = ("cpu-xs", "cpu-s")
 pytestmark = pytest.mark.slow
 
 
-def _run(args, cwd, **kw):
+def _run(args, cwd, *, expect_ok: bool = True, **kw):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "true", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
     env.pop("MLFLOW_RUN_ID", None)
     res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kw)
-    assert res.returncode == 0, f"{args} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    if expect_ok:
+        assert res.returncode == 0, f"{args} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    else:
+        assert res.returncode != 0, f"{args} succeeded:\n{res.stdout[-3000:]}"
     return res.stdout + res.stderr
 
 
@@ -180,3 +183,18 @@ def test_a_stage_killed_under_dvc_repro_resumes_from_its_checkpoint(repro):
         assert "resuming from" in log and "at step 3" in log, log[-2000:]
         assert json.loads((repo / "metrics/cpu-xs/distill.json").read_text())["resumed_from_step"] == 3
         assert not (repo / "checkpoints" / "distill-cpu-xs").exists()  # cleared once the outputs are written
+
+
+def test_dvc_exp_run_with_a_value_the_profile_would_shadow_fails_naming_both_keys(repro):
+    """`dvc exp run -S distill.steps=8` on the smoke profile: smoke's distill.steps (6) would win silently and DVC
+    would record 8; instead the first stage that reads it stops with one line naming both keys. (Last in this module:
+    it leaves the workspace restored, but DVC removes the distill outputs before the command fails.)"""
+    repo, _ = repro
+    try:
+        out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "distill.steps=8"], repo, expect_ok=False, timeout=600)
+        assert "error: " in out and "distill.steps = 8 (profiles.smoke.distill.steps = 6 wins)" in out, out[-2000:]
+        assert "Traceback" not in out
+    finally:
+        _run(["git", "checkout", "--", "params.yaml"], repo)
+        _run([sys.executable, "-m", "dvc", "checkout", "-f"], repo)
+

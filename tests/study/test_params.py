@@ -165,3 +165,41 @@ def test_the_gpu_presets_evaluate_with_the_papers_protocol(profile):
     assert p.evaluate.dinov2 == ("on" if profile == "imagenet512-gpu" else "off")
     default = resolve(default_raw())
     assert (default.evaluate.reference, default.evaluate.headline, default.evaluate.inception) == ("eval", "mean", "off")
+
+
+def _git_project(tmp_path, text: str):
+    import subprocess
+
+    (tmp_path / "params.yaml").write_text(text)
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@localhost", "PATH": "/usr/bin:/bin"}
+    for args in (["git", "init", "-q"], ["git", "add", "params.yaml"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(args, cwd=tmp_path, env=env, check=True)
+    return tmp_path / "params.yaml"
+
+
+def test_an_edited_top_level_value_that_the_profile_shadows_stops_the_run(tmp_path):
+    """What `dvc exp run -S distill.steps=8 -S profile=smoke` writes: the smoke profile's distill.steps would win
+    silently, so the loader refuses, naming both keys."""
+    text = (REPO_ROOT / "params.yaml").read_text()
+    path = _git_project(tmp_path, text)
+    assert load(path).distill.steps == 750
+    path.write_text(text.replace("profile: default", "profile: smoke", 1).replace("  steps: 750 ", "  steps: 8 ", 1))
+    with pytest.raises(StageError, match=r"distill.steps = 8 \(profiles.smoke.distill.steps = 6 wins\)") as e:
+        load(path)
+    assert "\n" not in str(e.value) and "-S profiles.smoke.<key>" in str(e.value)
+    assert load(path, overrides=["distill.steps=8"]).distill.steps == 8  # a stage CLI's -S always wins
+    # An edit the profile does not shadow takes effect; one equal to the profile's value is no conflict.
+    path.write_text(text.replace("profile: default", "profile: smoke", 1).replace("  lr: 0.0001 ", "  lr: 0.0002 ", 1))
+    assert load(path).distill.lr == 0.0002
+    path.write_text(text.replace("profile: default", "profile: smoke", 1).replace("  steps: 750 ", "  steps: 6 ", 1))
+    assert load(path).distill.steps == 6
+    # The way the message points to: the profile's own key.
+    smoke = "    distill: {steps: 6, "
+    assert smoke in text
+    path.write_text(text.replace("profile: default", "profile: smoke", 1).replace(smoke, "    distill: {steps: 8, ", 1))
+    assert load(path).distill.steps == 8
+    # The committed file's own top-level values are the default profile's, never a conflict.
+    (tmp_path / "committed").mkdir()
+    committed = _git_project(tmp_path / "committed", text.replace("profile: default", "profile: smoke", 1))
+    assert load(committed).distill.steps == 6

@@ -6,7 +6,7 @@ Consumes ``data/prepared`` (``images.parquet`` + ``manifest.json``, written by `
 - ``latents.safetensors``: ``train`` / ``eval`` float32 N×C'×H'×W' latents and ``train_labels`` / ``eval_labels``;
 - ``codec.json`` (kind, image and latent shapes, per-channel μ_c and σ_c, σ_d) and, unless the codec is the
   identity, ``codec/``: the AutoencoderKL in diffusers format;
-- ``recon_grid.png`` (eval originals above their reconstructions), ``metrics.json``, ``resolved_params.json`` and
+- ``recon_grid.png`` (eval originals above their reconstructions, the classes in turn), ``metrics.json``, ``resolved_params.json`` and
   ``provenance.json`` (git commit, timings; outside the output's DVC hash).
 
 ``encode.codec`` picks the codec. ``identity`` stays in pixel space, as the paper's CIFAR-10 and ImageNet-64 runs do.
@@ -47,6 +47,18 @@ GRID_COLUMNS, GRID_ROWS = 8, 2  # recon_grid.png: this many rows of originals, t
 
 # --------------------------------------------------------------------------------------------------------------
 # Latent statistics and reconstruction quality.
+
+
+def class_interleaved(labels: Tensor, n: int) -> Tensor:
+    """Indices of ``n`` images that take the classes in turn: the first image of each class, then the second, ...
+    (in split order within a class; unlabelled images, label −1, form one class)."""
+    seen: dict[int, int] = {}
+    rank = []
+    for label in labels.tolist():
+        rank.append(seen.get(label, 0))
+        seen[label] = rank[-1] + 1
+    order = sorted(range(len(rank)), key=lambda i: (rank[i], int(labels[i]), i))
+    return torch.tensor(order[:n], dtype=torch.int64)
 
 
 def channel_stats(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,7 +156,7 @@ def train_autoencoder(images: Tensor, params: EncodeParams, seed: int,
         if not math.isfinite(loss_value):
             raise StageError(f"encode: autoencoder loss became non-finite at step {step} (try a smaller encode.lr)")
         images_per_second = (step + 1 - first_step) * params.batch_size / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_second:.0f}", refresh=False)
+        bar.set_postfix(loss=f"{loss_value:.4f}", avg_img_s=f"{images_per_second:.0f}", refresh=False)
 
         if checkpoint is not None and checkpoint.due(step + 1, params.steps):
             checkpoint.save(lambda: {"step": step + 1, "vae": vae.state_dict(), "optimizer": optimizer.state_dict(),
@@ -254,9 +266,10 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
         "latent_shape": list(codec.latent_shape),
     }
 
-    # Write everything, or nothing.
+    # Write everything, or nothing. The grid shows the classes in turn (the split may be sorted by label).
     columns = min(GRID_COLUMNS, len(originals))
     shown = min(GRID_ROWS * columns, len(originals)) // columns * columns  # whole rows only
+    picked = class_interleaved(splits["eval"][1], shown)
     with atomic_output_dir(out_dir) as tmp:
         tensors = {split: latents[split].cpu().contiguous() for split in SPLITS}
         tensors |= {f"{split}_labels": splits[split][1].to(torch.int64).cpu().contiguous() for split in SPLITS}
@@ -271,7 +284,7 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
             "std": codec.std.tolist(),
             "sigma_data": base.sigma_data,
         })
-        save_grid(tmp / "recon_grid.png", torch.cat([originals[:shown], reconstructions[:shown]]), columns)
+        save_grid(tmp / "recon_grid.png", torch.cat([originals[picked], reconstructions[picked]]), columns)
         write_json(tmp / "metrics.json", metrics)
         resolved = {"base": to_plain(base), "encode": to_plain(params)}
         write_provenance(tmp, {**resolved, "data": str(prepared_dir), "out": str(out_dir), "device": device},

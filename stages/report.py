@@ -77,23 +77,40 @@ def space_entry(ev: dict[str, Any], space: str) -> dict[str, Any]:
 
 
 def plot_scaling(entries: list[dict[str, Any]], path: Path) -> None:
+    """Left: fid_clf of each method against parameters. Right: each student's ratio to the teacher in every feature
+    space that was scored, with the paper's 2-step target (1.10)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4))
     n = [e["n_params"] / 1e6 for e in entries]
     for key, label, style in (("teacher", "teacher (ODE)", "o-"), ("scm1", "sCM 1-step", "s--"), ("scm2", "sCM 2-step", "^-")):
         y = [e["fid_clf"][key] for e in entries]
         err = [e["fid_clf_std"].get(key) or 0 for e in entries]
         ax.errorbar(n, y, yerr=err, fmt=style, capsize=3, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters (M)")
     ax.set_ylabel("FID (classifier features, fid_clf)")
     ax.set_title("Sample quality against model size")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for i, space in enumerate(layout.FEATURE_SPACES):  # one colour per space; solid 2-step, dashed 1-step
+        fd = layout.fd(space)
+        for method, style in (("scm2", "^-"), ("scm1", "s--")):
+            ratios = [e.get(f"{fd}_ratio", {}).get(method) for e in entries]
+            if all(r is not None for r in ratios):
+                ax_ratio.plot(n, ratios, style, color=f"C{i}", label=f"{fd}, {method[-1]}-step")
+    ax_ratio.axhline(1.10, color="gray", linestyle=":", label="2-step target 1.10")
+    ax_ratio.axhline(1.0, color="black", linewidth=0.5)
+    ax_ratio.set_ylabel("student FD / teacher FD")
+    ax_ratio.set_title("Ratio to the teacher, per feature space")
+    for a in (ax, ax_ratio):
+        a.set_xscale("log")
+        a.xaxis.set_major_locator(FixedLocator(n))  # one tick per scale, labelled in plain numbers
+        a.xaxis.set_minor_locator(NullLocator())
+        a.set_xticklabels([f"{e['scale']}\n{v:.2f} M" for e, v in zip(entries, n)])
+        a.set_xlabel("parameters")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -136,7 +153,7 @@ def side_by_side(grids: list[Path], path: Path) -> None:
     canvas.save(path)
 
 
-def markdown(entries: list[dict[str, Any]], title: str) -> str:
+def markdown(entries: list[dict[str, Any]], title: str, recon_grid: bool = False) -> str:
     f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
     accuracy = entries[0].get("clf_accuracy") if entries else None
     clf = f"a classifier with {accuracy:.1%} held-out accuracy" if accuracy is not None else "a classifier"
@@ -155,6 +172,9 @@ def markdown(entries: list[dict[str, Any]], title: str) -> str:
                      f"{f(e['sec_per_image']['scm2'] * 1e3, 3)} | {f(e['speedup']['scm2'], 1)}x "
                      f"({f(e['speedup_fraction_of_nfe_ratio']['scm2'])}) |")
     lines += ["", "![FID against parameters](fid_vs_params.png)", "", "![Training curves](loss_curves.png)", ""]
+    if recon_grid:
+        lines += ["The autoencoder (the floor of every latent model): held-out digits above their reconstructions.", "",
+                  "![Reconstructions](recon_grid.png)", ""]
     for e in entries:
         lines += [f"## {e['scale']}: teacher | sCM 1-step | sCM 2-step", "", f"![samples {e['scale']}](samples_{e['scale']}.png)", ""]
     lines += ["## Every feature space", "",
@@ -195,9 +215,10 @@ def run(params: ReportParams, base: BaseParams, *, metrics_dir: Path, plots_dir:
             if missing:
                 raise StageError(f"{missing[0]}: not found (run the sample stage for scale {s!r})")
             side_by_side(grids, tmp / f"samples_{s}.png")
-        (tmp / layout.REPORT).write_text(markdown(entries, params.title))
-        if latents_dir is not None and (Path(latents_dir) / "recon_grid.png").is_file():
+        recon_grid = latents_dir is not None and (Path(latents_dir) / "recon_grid.png").is_file()
+        if recon_grid:
             shutil.copyfile(Path(latents_dir) / "recon_grid.png", tmp / "recon_grid.png")
+        (tmp / layout.REPORT).write_text(markdown(entries, params.title, recon_grid))
         write_provenance(tmp, {"base": to_plain(base), "report": to_plain(params)})
     return {"scales": entries}
 

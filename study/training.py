@@ -175,8 +175,8 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
                 "history": history, "seconds": seconds_before + time.perf_counter() - start}
 
     start = time.perf_counter()
-    bar = progress_bar(range(first_step, steps), initial=first_step, total=steps, desc=desc, mininterval=1.0,
-                       disable=not (progress and dist.is_main))
+    bar = progress_bar(range(first_step, steps), initial=first_step, total=steps, desc=desc, unit="step",
+                       mininterval=1.0, disable=not (progress and dist.is_main))
     for step in bar:
         failpoint("step")
 
@@ -227,7 +227,10 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": (step + 1 - first_step) * batch_size / max(elapsed, 1e-9),
                    "skipped": skipped, **logged}
             history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+            shown = {"mse": f"{row['mse']:.4f}"} if "mse" in row else {"loss": f"{row['loss']:.4f}"}  # as plotted
+            if "r" in row:
+                shown["r"] = f"{row['r']:.2f}"  # the tangent warm-up
+            bar.set_postfix(**shown, avg_img_s=f"{row['images_per_s']:.0f}")
 
         # Checkpoint (rank 0; every rank holds the same state).
         if checkpoint is not None and dist.is_main and checkpoint.due(step + 1, steps):

@@ -83,6 +83,7 @@ def test_every_stage_ran_and_wrote_its_outputs(repro):
     report = (repo / "reports/report.md").read_text()
     assert f"{accuracy:.1%} held-out accuracy" in report
     assert "| cpu-s | `fid_clf2` |" in report and "`fid_inception`: off (evaluate.inception: off" in report
+    assert "![Reconstructions](recon_grid.png)" in report and (repo / "reports/recon_grid.png").is_file()
     resolved = json.loads((repo / "artifacts/cpu-s/distill/resolved_params.json").read_text())
     assert resolved["params"]["distill"]["steps"] == 6
     assert json.loads((repo / "artifacts/cpu-s/distill/provenance.json").read_text())["git_commit"] != "unknown"

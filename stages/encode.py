@@ -34,7 +34,7 @@ from study.cli import add_params_args, cli, load_args
 from study.codec import Codec, load_autoencoder, resize, standardise, to_unit, vae_size
 from study.errors import StageError
 from study.files import atomic_output_dir, check_paths, write_json, write_provenance
-from study.images import MANIFEST, PARQUET, SPLITS, load_split, read_manifest, save_grid
+from study.images import MANIFEST, PARQUET, SPLITS, class_interleaved, load_split, read_manifest, save_grid
 from study.params import BaseParams, EncodeParams, to_plain
 from study.runtime import setup_torch
 
@@ -47,18 +47,6 @@ GRID_COLUMNS, GRID_ROWS = 8, 2  # recon_grid.png: this many rows of originals, t
 
 # --------------------------------------------------------------------------------------------------------------
 # Latent statistics and reconstruction quality.
-
-
-def class_interleaved(labels: Tensor, n: int) -> Tensor:
-    """Indices of ``n`` images that take the classes in turn: the first image of each class, then the second, ...
-    (in split order within a class; unlabelled images, label −1, form one class)."""
-    seen: dict[int, int] = {}
-    rank = []
-    for label in labels.tolist():
-        rank.append(seen.get(label, 0))
-        seen[label] = rank[-1] + 1
-    order = sorted(range(len(rank)), key=lambda i: (rank[i], int(labels[i]), i))
-    return torch.tensor(order[:n], dtype=torch.int64)
 
 
 def channel_stats(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -269,7 +257,7 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
     # Write everything, or nothing. The grid shows the classes in turn (the split may be sorted by label).
     columns = min(GRID_COLUMNS, len(originals))
     shown = min(GRID_ROWS * columns, len(originals)) // columns * columns  # whole rows only
-    picked = class_interleaved(splits["eval"][1], shown)
+    picked = class_interleaved(splits["eval"][1].tolist(), shown)
     with atomic_output_dir(out_dir) as tmp:
         tensors = {split: latents[split].cpu().contiguous() for split in SPLITS}
         tensors |= {f"{split}_labels": splits[split][1].to(torch.int64).cpu().contiguous() for split in SPLITS}

@@ -19,6 +19,7 @@ from study import layout
 from study.cli import add_params_args, cli, load_args
 from study.errors import StageError
 from study.files import atomic_output_dir, check_paths, write_json, write_provenance
+from study.images import class_interleaved, decode_split, save_grid
 from study.params import BaseParams, ReportParams, to_plain
 
 STAGES = ("teacher", "distill", "evaluate")
@@ -53,6 +54,7 @@ def summarise(scale: str, metrics_dir: Path) -> dict[str, Any]:
         "n_params": m["teacher"]["n_params"],
         "distill_method": m["distill"].get("method"),
         "teacher_nfe": ev.get(layout.nfe("teacher")),
+        "nfe": each(layout.nfe),
         "clf_accuracy": ev.get("clf_accuracy"),
         "fid_clf": each(lambda k: layout.metric("fid_clf", k), (*layout.METHODS, "recon")),
         "fid_clf_std": each(lambda k: layout.metric_std("fid_clf", k)),
@@ -138,17 +140,37 @@ def plot_losses(histories: dict[str, dict[str, list[dict[str, float]]]], path: P
     plt.close(fig)
 
 
-def side_by_side(grids: list[Path], path: Path) -> None:
+PANEL_LABELS = {"teacher": "teacher", "scm1": "sCM 1-step", "scm2": "sCM 2-step"}
+GRID_PAD = 2  # the sample stage's grids: save_grid's default padding
+
+
+def real_grid(prepared_dir: Path, like: Path, out: Path) -> None:
+    """Held-out images, the classes in turn, in a grid of the same geometry as the sample grid ``like``."""
     from PIL import Image
 
-    images = [Image.open(g).convert("RGB") for g in grids]
-    pad = 8
-    w = sum(i.width for i in images) + pad * (len(images) - 1)
-    h = max(i.height for i in images)
-    canvas = Image.new("RGB", (w, h), "white")
+    pixels, labels = decode_split(prepared_dir, "eval")  # (N, H, W, C); no torch in this stage
+    h, w = pixels.shape[1:3]
+    with Image.open(like) as grid:
+        width, height = grid.size
+    columns, rows = (width - GRID_PAD) // (w + GRID_PAD), (height - GRID_PAD) // (h + GRID_PAD)
+    picked = class_interleaved(labels.tolist(), columns * rows)
+    save_grid(out, pixels[picked].transpose(0, 3, 1, 2), columns, pad=GRID_PAD)
+
+
+def side_by_side(panels: list[tuple[Path, str]], path: Path, zoom: int = 2) -> None:
+    """The grids next to each other, enlarged ``zoom`` times, each under its label."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = [Image.open(g).convert("RGB") for g, _ in panels]
+    images = [im.resize((im.width * zoom, im.height * zoom), Image.Resampling.NEAREST) for im in images]
+    pad, header = 8, 22
+    font = ImageFont.load_default(size=14)
+    canvas = Image.new("RGB", (sum(i.width for i in images) + pad * (len(images) - 1), header + max(i.height for i in images)), "white")
+    draw = ImageDraw.Draw(canvas)
     x = 0
-    for im in images:
-        canvas.paste(im, (x, 0))
+    for im, (_, label) in zip(images, panels):
+        draw.text((x + 2, 3), label, fill="black", font=font)
+        canvas.paste(im, (x, header))
         x += im.width + pad
     canvas.save(path)
 
@@ -201,7 +223,8 @@ def markdown(entries: list[dict[str, Any]], title: str, recon_grid: bool = False
 
 
 def run(params: ReportParams, base: BaseParams, *, metrics_dir: Path, plots_dir: Path,
-        artifacts_dir: Path, out_dir: Path, latents_dir: Path | None = None) -> dict[str, Any]:
+        artifacts_dir: Path, out_dir: Path, latents_dir: Path | None = None,
+        prepared_dir: Path | None = None) -> dict[str, Any]:
     entries = [summarise(s, metrics_dir) for s in base.scales]
     histories = {s: {st: _read_csv(layout.history_file(s, st, plots_dir)) for st in ("teacher", "distill")}
                  for s in base.scales}
@@ -209,12 +232,18 @@ def run(params: ReportParams, base: BaseParams, *, metrics_dir: Path, plots_dir:
         write_json(tmp / layout.SUMMARY, {"scales": entries})
         plot_scaling(entries, tmp / "fid_vs_params.png")
         plot_losses(histories, tmp / "loss_curves.png")
-        for s in base.scales:
+        for s, e in zip(base.scales, entries):
             grids = [layout.stage_dir(s, "samples", artifacts_dir) / layout.grid_file(m) for m in layout.METHODS]
             missing = [g for g in grids if not g.is_file()]
             if missing:
                 raise StageError(f"{missing[0]}: not found (run the sample stage for scale {s!r})")
-            side_by_side(grids, tmp / f"samples_{s}.png")
+            panels = [(g, f"{PANEL_LABELS[m]}, NFE {e['nfe'][m]}, fid_clf {e['fid_clf'][m]:.1f}")
+                      for g, m in zip(grids, layout.METHODS)]
+            if prepared_dir is not None:
+                real_grid(prepared_dir, grids[0], tmp / f".real_{s}.png")
+                panels.insert(0, (tmp / f".real_{s}.png", "real (held-out eval split)"))
+            side_by_side(panels, tmp / f"samples_{s}.png")
+            (tmp / f".real_{s}.png").unlink(missing_ok=True)
         recon_grid = latents_dir is not None and (Path(latents_dir) / "recon_grid.png").is_file()
         if recon_grid:
             shutil.copyfile(Path(latents_dir) / "recon_grid.png", tmp / "recon_grid.png")
@@ -231,13 +260,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--plots", type=Path, default=Path(layout.PLOTS))
     parser.add_argument("--artifacts", type=Path, default=Path(layout.ARTIFACTS))
     parser.add_argument("--latents", type=Path, default=Path(layout.LATENTS), help="for the reconstruction grid")
+    parser.add_argument("--data", type=Path, default=Path(layout.PREPARED), help="for the real-data panel")
     parser.add_argument("--out", type=Path, default=Path(layout.REPORTS))
     args = parser.parse_args(argv)
     p = load_args(args)
-    check_paths(inputs={"--metrics": args.metrics, "--plots": args.plots, "--artifacts": args.artifacts, "--latents": args.latents},
+    check_paths(inputs={"--metrics": args.metrics, "--plots": args.plots, "--artifacts": args.artifacts, "--latents": args.latents,
+                        "--data": args.data},
                 outputs={"--out": args.out})
     out = run(p.report, p.base, metrics_dir=args.metrics, plots_dir=args.plots, artifacts_dir=args.artifacts, out_dir=args.out,
-              latents_dir=args.latents)
+              latents_dir=args.latents, prepared_dir=args.data)
     for e in out["scales"]:
         print(f"report: {e['scale']}: fid_clf teacher {e['fid_clf']['teacher']:.3f} / 1-step {e['fid_clf']['scm1']:.3f} / "
               f"2-step {e['fid_clf']['scm2']:.3f}; speedup 2-step {e['speedup']['scm2']:.1f}x")

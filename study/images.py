@@ -53,6 +53,14 @@ def load_split(prepared_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tens
     """
     import torch  # here, not at the top: preparing mnist5k and `--help` do not need torch's ~2 s import
 
+    pixels, labels = decode_split(prepared_dir, split)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+    return images, torch.from_numpy(labels)
+
+
+def decode_split(prepared_dir: Path, split: str, indices: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`load_split` without torch: uint8 ``(N, H, W, C)`` pixels and int64 labels, of the whole split or of the
+    rows ``indices`` (decoding only those)."""
     if split not in SPLITS:
         raise StageError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     manifest = read_manifest(prepared_dir)
@@ -65,6 +73,8 @@ def load_split(prepared_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tens
         raise StageError(f"{path}: sha256 does not match {MANIFEST} (the file changed after the data stage wrote it)")
     table = pq.read_table(pa.BufferReader(data), columns=["image", "label", "split"])
     rows = table.filter(pc.equal(table["split"], split))
+    if indices is not None:
+        rows = rows.take(pa.array(indices, pa.int64()))
     channels, height, width = manifest["shape"]
     pixels = np.empty((rows.num_rows, height, width, channels), np.uint8)  # (N, H, W, C)
     for i, png in enumerate(png_column(rows)):
@@ -73,9 +83,7 @@ def load_split(prepared_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tens
         if decoded.shape[:2] != (height, width) or decoded.size != pixels[i].size:
             raise StageError(f"{path}: a {split} image has shape {decoded.shape}, {MANIFEST} says {manifest['shape']}")
         pixels[i] = decoded.reshape(height, width, channels)
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
-    labels = torch.from_numpy(rows["label"].to_numpy().astype(np.int64))
-    return images, labels
+    return pixels, rows["label"].to_numpy().astype(np.int64)
 
 
 def png_column(table: pa.Table) -> Iterator[bytes]:
@@ -84,17 +92,25 @@ def png_column(table: pa.Table) -> Iterator[bytes]:
         yield from (value.as_py() for value in chunk)
 
 
+def class_interleaved(labels: list[int], n: int) -> list[int]:
+    """Indices of ``n`` images that take the classes in turn: the first image of each class, then the second, ...
+    (in split order within a class; unlabelled images, label −1, form one class)."""
+    seen: dict[int, int] = {}
+    rank = []
+    for label in labels:
+        rank.append(seen.get(label, 0))
+        seen[label] = rank[-1] + 1
+    return sorted(range(len(rank)), key=lambda i: (rank[i], labels[i], i))[:n]
 
-def save_grid(path: Path, images: torch.Tensor, columns: int, pad: int = 2) -> None:
-    """Write uint8 N×C×H×W ``images`` as one PNG, ``columns`` per row, separated by ``pad`` gray pixels."""
-    import torch
 
+def save_grid(path: Path, images: Any, columns: int, pad: int = 2) -> None:
+    """Write uint8 N×C×H×W ``images`` (a tensor or an array) as one PNG, ``columns`` per row, separated by ``pad``
+    gray pixels."""
+    images = np.asarray(images.cpu() if hasattr(images, "cpu") else images)
     n, c, h, w = images.shape
     rows = math.ceil(n / columns)
-    grid = torch.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), 128, dtype=torch.uint8)
-    for i, image in enumerate(images.cpu()):
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 128, dtype=np.uint8)  # (H, W, C)
+    for i, image in enumerate(images):
         top, left = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
-        grid[:, top : top + h, left : left + w] = image
-    array = grid.permute(1, 2, 0).numpy()  # (H, W, C)
-    Image.fromarray(array[..., 0] if c == 1 else array).save(path)
-
+        grid[top : top + h, left : left + w] = image.transpose(1, 2, 0)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)

@@ -3,7 +3,8 @@
 Consumes ``metrics/<scale>/{teacher,distill,evaluate}.json``, ``plots/<scale>/*_history.csv`` and the sample grids.
 Produces ``reports/summary.json`` (one entry per scale), ``reports/report.md``, ``reports/fid_vs_params.png`` (the
 paper's scaling figure at our scale: FID against parameter count for the teacher and sCM), ``reports/loss_curves.png``
-and ``reports/samples_<scale>.png`` (teacher | sCM 1-step | sCM 2-step grids side by side).
+and ``reports/samples_<scale>.png`` (real | teacher | sCM 1-step | sCM 2-step grids side by side, labelled with the
+NFE and fid_clf; the real panel when the prepared data is given).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def side_by_side(panels: list[tuple[Path, str]], path: Path, zoom: int = 2) -> N
     canvas.save(path)
 
 
-def markdown(entries: list[dict[str, Any]], title: str, recon_grid: bool = False) -> str:
+def markdown(entries: list[dict[str, Any]], title: str, recon_grid: bool = False, real_panel: bool = False) -> str:
     f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
     accuracy = entries[0].get("clf_accuracy") if entries else None
     clf = f"a classifier with {accuracy:.1%} held-out accuracy" if accuracy is not None else "a classifier"
@@ -198,7 +199,8 @@ def markdown(entries: list[dict[str, Any]], title: str, recon_grid: bool = False
         lines += ["The autoencoder (the floor of every latent model): held-out digits above their reconstructions.", "",
                   "![Reconstructions](recon_grid.png)", ""]
     for e in entries:
-        lines += [f"## {e['scale']}: teacher | sCM 1-step | sCM 2-step", "", f"![samples {e['scale']}](samples_{e['scale']}.png)", ""]
+        panels = "real | teacher | sCM 1-step | sCM 2-step" if real_panel else "teacher | sCM 1-step | sCM 2-step"
+        lines += [f"## {e['scale']}: {panels}", "", f"![samples {e['scale']}](samples_{e['scale']}.png)", ""]
     lines += ["## Every feature space", "",
               "The same samples in each feature space: the two classifiers trained here (`clf`, `clf2`: other "
               "architecture, other seed) and, when on, the field's Inception-v3 and DINOv2. The paper's claim for "
@@ -247,7 +249,7 @@ def run(params: ReportParams, base: BaseParams, *, metrics_dir: Path, plots_dir:
         recon_grid = latents_dir is not None and (Path(latents_dir) / "recon_grid.png").is_file()
         if recon_grid:
             shutil.copyfile(Path(latents_dir) / "recon_grid.png", tmp / "recon_grid.png")
-        (tmp / layout.REPORT).write_text(markdown(entries, params.title, recon_grid))
+        (tmp / layout.REPORT).write_text(markdown(entries, params.title, recon_grid, prepared_dir is not None))
         write_provenance(tmp, {"base": to_plain(base), "report": to_plain(params)})
     return {"scales": entries}
 

@@ -504,12 +504,13 @@ def committed_params(path: Path) -> dict | None:
     return committed if isinstance(committed, dict) else None
 
 
-def shadowed_edits(raw: dict, committed: dict | None, profile: str) -> list[str]:
+def shadowed_edits(raw: dict, committed: dict | None, profile: str, ignore: frozenset[str] = frozenset()) -> list[str]:
     """Top-level values edited since ``committed`` that the selected profile overrides with another value.
 
     ``dvc exp run -S distill.steps=8 -S profile=smoke`` writes ``distill.steps: 8`` at the top level, where the smoke
     profile's ``distill.steps`` shadows it: the run would silently train the profile's value while DVC records 8.
-    Each entry reads ``distill.steps = 8 (profiles.smoke.distill.steps = 6 wins)``.
+    Each entry reads ``distill.steps = 8 (profiles.smoke.distill.steps = 6 wins)``; keys in ``ignore`` (those an
+    ``-S`` override sets, which wins over both) are left out.
     """
     if profile == "default" or not committed:
         return []
@@ -519,7 +520,7 @@ def shadowed_edits(raw: dict, committed: dict | None, profile: str) -> list[str]
         for key, value in (keys or {}).items() if isinstance(keys, dict) else ():
             now = (raw.get(section) or {}).get(key)
             before = (committed.get(section) or {}).get(key) if isinstance(committed.get(section), dict) else None
-            if now != before and now != value:
+            if now != before and now != value and f"{section}.{key}" not in ignore:
                 found.append(f"{section}.{key} = {now!r} (profiles.{profile}.{section}.{key} = {value!r} wins)")
     return found
 
@@ -542,9 +543,8 @@ def load(path: str | Path = "params.yaml", profile: str | None = None, overrides
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     params = resolve(raw, profile, overrides)
-    overridden = {f"{section}.{key}" for section, keys in (overrides or {}).items() for key in keys}
-    shadowed = [e for e in shadowed_edits(raw, committed_params(path), params.profile)
-                if e.split(" = ", 1)[0] not in overridden]  # an -S override wins over both
+    overridden = frozenset(f"{section}.{key}" for section, keys in (overrides or {}).items() for key in keys)
+    shadowed = shadowed_edits(raw, committed_params(path), params.profile, ignore=overridden)
     if shadowed:
         raise StageError(f"{path}: {shadowed[0]}: the profile overrides this edited top-level value; set it under "
                          f"profiles.{params.profile} (dvc exp run -S profiles.{params.profile}.<key>=...) or select "

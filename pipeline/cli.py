@@ -5,6 +5,8 @@
   python -m pipeline sweep --profile smoke -G distill.steps=4,8 -j 2 # isolated copies, 2 at a time
   python -m pipeline serve --cron "0 2 * * *" --profile smoke       # nightly, against `prefect server start`
   python -m pipeline deploy --pool gpu --source https://host/scm.git # to a work pool served by `prefect worker start`
+  python -m pipeline export --scale cpu-s                           # the student as a diffusers pipeline folder
+  python -m pipeline generate --model exports/cpu-s --n 16 --out gen # PNGs and a grid, same seeds as the sample stage
 
 Without PREFECT_API_URL, reproduce and sweep start a temporary Prefect server for the run (no UI afterwards);
 with ``prefect server start`` running and PREFECT_API_URL=http://127.0.0.1:4200/api they show in its UI.
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline import generate
 from pipeline import project as dvc_driver
 from study.errors import StageError
 from study.files import split_credentials
@@ -86,7 +89,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{reproduce,sweep,serve,deploy}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{reproduce,sweep,serve,deploy,export,generate}")
 
     p = sub.add_parser("reproduce", help="run every stage for every scale through DVC; record in MLflow and Prefect",
                        description="Run data -> encode -> classifier -> (teacher -> distill -> sample -> evaluate) per "
@@ -136,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cron", default=None, help="optional cron schedule")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the flow runs")
     p.add_argument("--push", action="store_true", help="reproduce: dvc push --run-cache at the end")
+
+    generate.add_export_parser(sub)
+    generate.add_generate_parser(sub)
     return parser
 
 
@@ -179,6 +185,8 @@ def _api_warning() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("export", "generate"):
+            return generate.export_main(args) if args.command == "export" else generate.generate_main(args)
         params = _parameters(args)
         if args.command == "sweep":
             params.pop("scales", None)

@@ -149,25 +149,35 @@ def rectified_flow_teacher(model: Callable[[Tensor, Tensor], Tensor], sigma_data
 
 def alpha_sigma_teacher(model: Callable[[Tensor, Tensor], Tensor], sigma_data: float, *, prediction: str,
                         alpha: Callable[[Tensor], Tensor], sigma: Callable[[Tensor], Tensor],
-                        time_from_ratio: Callable[[Tensor], Tensor]) -> VelocityFn:
-    """A general x' = α(s)·x0 + σ(s)·ε model (ε- or v-prediction) as a TrigFlow velocity (paper Eq. 29).
+                        time_from_ratio: Callable[[Tensor], Tensor], data_scale: float = 1.0) -> VelocityFn:
+    """A general x' = α(s)·x0' + σ(s)·ε model (ε-, v- or x0-prediction) as a TrigFlow velocity (paper Eq. 29).
 
-    ``time_from_ratio(ρ)`` returns the teacher time s with σ(s)/α(s) = ρ. The TrigFlow query (x_t, t) maps to
-    ρ = σ_d·tan t and x' = x_t·√(α²σ_d² + σ²)/σ_d; the teacher's x̂0 gives σ_d F = (cos t·x_t − x̂0)/sin t.
-    ε-prediction: x̂0 = (x' − σ ε̂)/α. v-prediction (v = α ε − σ x0): x̂0 = (α x' − σ v̂)/(α² + σ²).
+    The teacher's data x0' = ``data_scale``·x0 (e.g. 1 for [−1, 1] pixels standardised to σ_d = 0.5, or a VAE's
+    scaling factor over σ_d). ``time_from_ratio(ρ)`` returns the teacher time s with σ(s)/α(s) = ρ (a discrete
+    schedule's fractional timestep: :class:`scm.schedules.DiscreteSchedule`). The TrigFlow query (x_t, t) maps to
+    ρ = data_scale·σ_d·tan t and x' = α·data_scale·x_t/cos t; the teacher's x̂0' gives x̂0 = x̂0'/data_scale and
+    σ_d F = (cos t·x_t − x̂0)/sin t. ε-prediction: x̂0' = (x' − σ ε̂)/α. v-prediction (v = α ε − σ x0'):
+    x̂0' = (α x' − σ v̂)/(α² + σ²). x0-prediction: the output is x̂0'.
     """
     check_sigma_data(sigma_data)
-    if prediction not in ("eps", "v"):
-        raise ValueError(f"prediction must be one of 'eps', 'v', got {prediction!r}")
+    if prediction not in ("eps", "v", "x0"):
+        raise ValueError(f"prediction must be one of 'eps', 'v', 'x0', got {prediction!r}")
+    if not (math.isfinite(data_scale) and data_scale > 0):
+        raise ValueError(f"data_scale must be a finite number > 0, got {data_scale!r}")
 
     def velocity_fn(x_t: Tensor, t: Tensor) -> Tensor:
-        s = time_from_ratio(sigma_data * torch.tan(t))
+        s = time_from_ratio(data_scale * sigma_data * torch.tan(t))
         a = append_dims(alpha(s), x_t.ndim)
         b = append_dims(sigma(s), x_t.ndim)
-        x_prime = x_t * torch.sqrt(a**2 * sigma_data**2 + b**2) / sigma_data
-        out = model(x_prime, s)
-        x0_hat = (x_prime - b * out) / a if prediction == "eps" else (a * x_prime - b * out) / (a**2 + b**2)
         c = append_dims(torch.cos(t), x_t.ndim)
-        return (c * x_t - x0_hat) / append_dims(torch.sin(t), x_t.ndim)
+        x_prime = a * data_scale * x_t / c
+        out = model(x_prime, s)
+        if prediction == "eps":
+            x0_hat = (x_prime - b * out) / a
+        elif prediction == "v":
+            x0_hat = (a * x_prime - b * out) / (a**2 + b**2)
+        else:
+            x0_hat = out
+        return (c * x_t - x0_hat / data_scale) / append_dims(torch.sin(t), x_t.ndim)
 
     return velocity_fn

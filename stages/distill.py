@@ -41,6 +41,30 @@ def scm_config(params: DistillParams, sigma_data: float) -> SCMConfig:
                      share_dropout=True)
 
 
+def student_from_teacher(teacher: torch.nn.Module, dropout: float, seed: int) -> torch.nn.Module:
+    """The student: a trainable copy of the teacher's EMA (App. G.2: "We always initialize the CM from the EMA
+    parameters of the teacher") with the distill stage's dropout."""
+    torch.manual_seed(seed)
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    for m in student.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = dropout
+    return student
+
+
+def distill_spec(params: DistillParams, sigma_data: float, scale: str, seed: int, teacher: torch.nn.Module,
+                 student: torch.nn.Module) -> TrainSpec:
+    """The sCM objective (paper Eq. 8 / Alg. 1) and RAdam: the grad-enabled forward through the loop's (DDP) module,
+    the JVP on the plain ``student``; dx_t/dt from the frozen ``teacher`` (sCD) or from the data (sCT)."""
+    cfg = scm_config(params, sigma_data)
+    teacher_v = (lambda x_t, t: velocity(teacher, x_t, t, sigma_data)) if params.method == "scd" else None
+    return TrainSpec(
+        name=f"distill-{scale}", section="distill", settings=params, seed=seed + 1000,
+        objective=lambda net_dp, head_dp: lambda step, x0, noise: scm_loss(
+            net_dp, x0, cfg=cfg, step=step, teacher=teacher_v, weight_head=head_dp, noise=noise, tangent_net=student),
+        optimizer=lambda p: torch.optim.RAdam(p, lr=params.lr, betas=(0.9, 0.99), eps=1e-8))
+
+
 def run(params: DistillParams, base: BaseParams, scale: str, latents_dir: Path, teacher_dir: Path,
         out_dir: Path, metrics_path: Path, history_path: Path, *, device: str = "cpu", progress: bool = True,
         dist: distributed.Dist = distributed.SINGLE, checkpoint_root: Path | None = None) -> dict[str, Any] | None:
@@ -52,22 +76,9 @@ def run(params: DistillParams, base: BaseParams, scale: str, latents_dir: Path, 
     data = load_latents(latents_dir)
     teacher, meta = load_model(teacher_dir, expect_shape=data.shape, expect_scale=scale, device=device)
 
-    # Student ← teacher EMA (App. G.2: "We always initialize the CM from the EMA parameters of the teacher").
-    torch.manual_seed(base.seed)
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
-    for m in student.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = params.dropout
+    student = student_from_teacher(teacher, params.dropout, base.seed)
     student.amp_dtype = amp_dtype(base.precision, device)
-
-    # The sCM loss: the grad-enabled forward through DDP (when distributed), the JVP on the plain module; RAdam.
-    cfg = scm_config(params, base.sigma_data)
-    teacher_v = (lambda x_t, t: velocity(teacher, x_t, t, base.sigma_data)) if params.method == "scd" else None
-    spec = TrainSpec(
-        name=f"distill-{scale}", section="distill", settings=params, seed=base.seed + 1000,
-        objective=lambda net_dp, head_dp: lambda step, x0, noise: scm_loss(
-            net_dp, x0, cfg=cfg, step=step, teacher=teacher_v, weight_head=head_dp, noise=noise, tangent_net=student),
-        optimizer=lambda p: torch.optim.RAdam(p, lr=params.lr, betas=(0.9, 0.99), eps=1e-8))
+    spec = distill_spec(params, base.sigma_data, scale, base.seed, teacher, student)
     ckpt = run_checkpointer(checkpoint_root, spec.name, params.checkpoint_every, stage="distill", params=params,
                             base=base, inputs=[Path(latents_dir) / "latents.safetensors", Path(teacher_dir) / MODEL_FILE])
     result = train(student, spec, data.train, dist=dist, checkpoint=ckpt, progress=progress)

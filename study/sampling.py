@@ -2,7 +2,9 @@
 
 Teacher ODE at its NFE, sCM 1-step and sCM 2-step, each a :class:`Sampler` over the velocity of a loaded network.
 Image i of seed set k has seed k·10⁶ + i (:func:`seeds_of`), and each image depends only on its own seed, so every
-image can be regenerated alone and the batch size never changes a result.
+image can be regenerated alone. With the identity codec the batch size never changes a result; through a VAE it can
+move a decoded pixel by one gray level (the CPU kernels' float sums depend on the batch), so regenerate in the sample
+stage's batches (``sample.batch_size`` from the start of a seed set) for bit-identical images.
 """
 
 from __future__ import annotations

@@ -6,13 +6,20 @@ so every suite builds its project the same way.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import io
+import json
 import os
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
+import torch
+from PIL import Image
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -177,3 +184,65 @@ def shapes(n: int, seed: int, size: int = 16, classes: tuple[int, ...] = (0, 1, 
             x[i, r + 1 : r + 5, c + 1 : c + 5] = 0
     x = x + 12 * torch.randn(n, size, size, generator=g)
     return x.clamp(0, 255).round().to(torch.uint8).unsqueeze(1), labels  # (N, 1, H, W), (N,)
+
+
+def synthetic_images(n: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Blurry random blobs, uint8 N×C×H×W."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, channels, 3, 3, generator=g)
+    return (torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear") * 255).round().to(torch.uint8)
+
+
+def write_prepared(root: Path, images: torch.Tensor, n_eval: int) -> Path:
+    """images.parquet (index, PNG bytes, label, split) and manifest.json (shape, sha256), as stages/data.py writes them."""
+    root.mkdir(parents=True)
+    rows = []
+    for i, image in enumerate(images):
+        array = image.permute(1, 2, 0).numpy()  # (H, W, C)
+        png = io.BytesIO()
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(png, format="PNG")
+        split = "train" if i < len(images) - n_eval else "eval"
+        rows.append({"index": i, "image": png.getvalue(), "label": i % 10, "split": split})
+    pd.DataFrame(rows).astype({"index": "int64", "label": "int64"}).to_parquet(root / "images.parquet", index=False)
+    sha256 = hashlib.sha256((root / "images.parquet").read_bytes()).hexdigest()
+    (root / "manifest.json").write_text(json.dumps({"shape": list(images.shape[1:]), "sha256": sha256}))
+    return root
+
+
+def tiny_latents(tmp_path: Path, codec: str) -> Path:
+    """The encode stage's output for 24 tiny 1×8×8 images: a 2-step AutoencoderKL (``codec="train"``) or pixels."""
+    from stages import encode
+
+    prepared = write_prepared(tmp_path / "prepared", synthetic_images(24, 1, 8), n_eval=8)
+    params = section("encode", codec=codec, channels=(8, 16), latent_channels=2, steps=2, batch_size=8,
+                     encode_batch_size=16, checkpoint_every=0)
+    encode.run(params, section("base"), prepared, tmp_path / "latents")
+    return tmp_path / "latents"
+
+
+def tiny_student(tmp_path: Path, shape: tuple[int, ...]) -> Path:
+    """``tmp_path/student/model.safetensors``: a random tiny U-Net in the project's model format."""
+    from scm import nn as scm_nn
+    from study.models import save_model
+
+    torch.manual_seed(1)
+    cfg = scm_nn.UNetConfig(in_channels=shape[0], model_channels=8, channel_mult=(1, 2), groups=4)
+    net = scm_nn.UNet(cfg)
+    for p in net.parameters():  # a net whose output depends on its input (zero-initialised output layers otherwise)
+        p.data.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / "student" / "model.safetensors"
+    path.parent.mkdir()
+    save_model(path, net, {"role": "student-sct", "scale": "cpu-xs", "latent_shape": list(shape), "sigma_data": 0.5})
+    return path.parent
+
+
+def stage_images(latents: Path, student: Path, seeds: list[int], method: str) -> torch.Tensor:
+    """What the sample stage stores for these seeds (study.sampling, the sample stage's own code)."""
+    from study.codec import load_codec
+    from study.models import load_model
+    from study.sampling import build_samplers, generate
+
+    codec = load_codec(latents)
+    net, _ = load_model(student)
+    samplers = build_samplers(section("sample", t_mid=1.1, teacher_steps=2), 0.5, net, net)
+    return generate(samplers[method], codec, seeds, codec.latent_shape, sigma_data=0.5, batch_size=3, device="cpu")

@@ -122,6 +122,6 @@ def test_alpha_sigma_teacher_matches_trigflow_velocity(prediction):
 
 
 def test_alpha_sigma_teacher_rejects_unknown_prediction():
-    with pytest.raises(ValueError, match="prediction must be one of 'eps', 'v'"):
-        trigflow.alpha_sigma_teacher(lambda x, s: x, SD, prediction="x0", alpha=torch.cos, sigma=torch.sin, time_from_ratio=torch.atan)
+    with pytest.raises(ValueError, match="prediction must be one of 'eps', 'v', 'x0'"):
+        trigflow.alpha_sigma_teacher(lambda x, s: x, SD, prediction="sample", alpha=torch.cos, sigma=torch.sin, time_from_ratio=torch.atan)
 

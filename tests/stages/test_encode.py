@@ -4,12 +4,9 @@ inputs that fail in one line while leaving the output directory alone."""
 from __future__ import annotations
 
 import yaml
-import hashlib
-import io
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -20,7 +17,7 @@ from study.cli import cli
 from study.errors import StageError
 from study.params import resolve, to_plain
 from study.codec import load_codec
-from helpers import default_raw, params_text, section
+from helpers import default_raw, params_text, section, synthetic_images, write_prepared
 
 BASE = section("base")  # σ_d = 0.5
 TINY_TRAIN = dict(codec="train", channels=(8, 16), latent_channels=2, steps=3, batch_size=8, encode_batch_size=16)
@@ -28,29 +25,6 @@ TINY_TRAIN = dict(codec="train", channels=(8, 16), latent_channels=2, steps=3, b
 
 # --------------------------------------------------------------------------------------------------------------
 # Fixtures: a prepared-data directory in the data stage's format.
-
-
-def synthetic_images(n: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Blurry random blobs, uint8 N×C×H×W."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, channels, 3, 3, generator=g)
-    return (torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear") * 255).round().to(torch.uint8)
-
-
-def write_prepared(root: Path, images: torch.Tensor, n_eval: int) -> Path:
-    """images.parquet (index, PNG bytes, label, split) and manifest.json (shape, sha256), as stages/data.py writes them."""
-    root.mkdir(parents=True)
-    rows = []
-    for i, image in enumerate(images):
-        array = image.permute(1, 2, 0).numpy()  # (H, W, C)
-        png = io.BytesIO()
-        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(png, format="PNG")
-        split = "train" if i < len(images) - n_eval else "eval"
-        rows.append({"index": i, "image": png.getvalue(), "label": i % 10, "split": split})
-    pd.DataFrame(rows).astype({"index": "int64", "label": "int64"}).to_parquet(root / "images.parquet", index=False)
-    sha256 = hashlib.sha256((root / "images.parquet").read_bytes()).hexdigest()
-    (root / "manifest.json").write_text(json.dumps({"shape": list(images.shape[1:]), "sha256": sha256}))
-    return root
 
 
 @pytest.fixture

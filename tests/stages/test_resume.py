@@ -142,7 +142,7 @@ def teacher_dir(latents: Path, tmp_path_factory) -> Path:
 def test_autoencoder_training_resumes_to_identical_weights(tmp_path: Path):
     """The encode stage's AutoencoderKL: killed before a step and in the middle of a checkpoint write, it ends
     with bit-identical latents and codec weights."""
-    from test_encode import synthetic_images, write_prepared
+    from helpers import synthetic_images, write_prepared
 
     prepared = write_prepared(tmp_path / "prepared", synthetic_images(40, 1, 8), n_eval=8)
     ref, work = tmp_path / "reference", tmp_path / "killed"

@@ -23,7 +23,7 @@ class DiscreteSchedule:
     """ᾱ_0 … ᾱ_{T−1} (non-increasing, in [0, 1)) as continuous functions of a fractional timestep τ."""
 
     def __init__(self, alphas_cumprod: Tensor):
-        a = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        a = torch.as_tensor(alphas_cumprod, dtype=torch.float64, device="cpu").flatten()  # a table, never on meta
         if a.numel() < 2 or not torch.isfinite(a).all() or (a < 0).any() or (a >= 1).any():
             raise ValueError("alphas_cumprod must hold at least 2 finite values in [0, 1)")
         log_snr = torch.log(a) - torch.log1p(-a)  # λ_i = log(ᾱ_i/(1−ᾱ_i)); −∞ where ᾱ_i = 0
@@ -33,7 +33,7 @@ class DiscreteSchedule:
         self.log_snr_table = log_snr[:finite]
         if not (self.log_snr_table[1:] < self.log_snr_table[:-1]).all():
             raise ValueError("alphas_cumprod must decrease strictly (every timestep a new noise level)")
-        self.num_timesteps = a.numel()
+        self.alphas_cumprod = a
 
     @property
     def tau_max(self) -> float:

@@ -4,6 +4,10 @@ Consumes ``data/latents`` (encode stage). Produces ``artifacts/<scale>/teacher/m
 self-describing) with ``resolved_params.json``, the metrics file ``metrics/<scale>/teacher.json`` and the training
 curve ``plots/<scale>/teacher_history.csv``.
 
+``teacher.source`` other than ``train`` fetches a model file (a path, an https URL with its sha256, an MLflow model)
+or converts a diffusers ``UNet2DModel`` (a directory or hub id, :mod:`study.diffusers_models`) into the model-file
+format, behind its TrigFlow adapter.
+
 Training follows the paper's teacher recipe at CPU size: the TrigFlow diffusion loss (Eq. 4) with the log-normal
 proposal and adaptive weighting, Adam with a short learning-rate warm-up, EMA weights for everything downstream.
 """
@@ -19,17 +23,34 @@ import torch
 
 from scm.losses import diffusion_loss
 from scm.scales import SCALES
-from study import distributed
+from study import diffusers_models, distributed
 from study.checkpoint import checkpoint_root, run_checkpointer
 from study.cli import add_params_args, add_training_args, cli, load_args
 from study.errors import StageError
 from study.fetch import fetch
 from study.files import atomic_output_dir, check_paths, redact, write_json, write_provenance
-from study.latents import load_latents
+from study.latents import Latents, load_latents
 from study.models import MODEL_FILE, build_net, load_model, save_model
 from study.params import BaseParams, TeacherParams, to_plain
 from study.runtime import amp_dtype
 from study.training import TrainSpec, train, write_history
+
+
+def diffusers_teacher(params: TeacherParams, base: BaseParams, data: Latents, scale: str) -> torch.nn.Module:
+    """A diffusers UNet2DModel teacher as a TrigFlow network (:mod:`study.diffusers_models`) for these latents.
+
+    Its data are ``teacher.data_scale`` × the codec's output (pixels in [-1, 1], or raw VAE latents); the latents here
+    are that output standardised, x0 = (x − μ)·σ_d/σ, so the adapter's scale is data_scale·σ/σ_d, which exists only
+    when the standardisation is one scalar: μ = 0 and one σ for every channel (``encode.latent_mean``/``latent_std``).
+    """
+    who = f"teacher.source={redact(params.source)!r}"
+    mean, std = data.codec.get("mean", []), data.codec.get("std", [])
+    if any(m != 0 for m in mean) or len(set(std)) != 1:
+        raise StageError(f"{who}: a diffusers teacher needs one scalar data scaling; set encode.latent_mean to 0 and "
+                         f"encode.latent_std to one value for every channel (the codec has mean {mean}, std {std})")
+    return diffusers_models.load_teacher(params.source, params.revision, data_shape=tuple(data.shape),
+                                         sigma_data=base.sigma_data, data_scale=params.data_scale * std[0] / base.sigma_data,
+                                         who=who)
 
 
 def run(params: TeacherParams, base: BaseParams, scale: str, latents_dir: Path, out_dir: Path,
@@ -60,10 +81,15 @@ def run(params: TeacherParams, base: BaseParams, scale: str, latents_dir: Path, 
         result = train(net, spec, data.train, dist=dist, checkpoint=ckpt, progress=progress)
     if not dist.is_main:
         return None
+    meta = {"role": "teacher", "scale": scale, "latent_shape": list(data.shape), "sigma_data": base.sigma_data}
+    converted = None
+    if result is None and diffusers_models.is_diffusers_source(params.source):
+        converted = diffusers_teacher(params, base, data, scale)
     with atomic_output_dir(out_dir) as tmp:
         if result is not None:
-            meta = {"role": "teacher", "scale": scale, "latent_shape": list(data.shape), "sigma_data": base.sigma_data}
             save_model(tmp / MODEL_FILE, result.ema.net, meta)
+        elif converted is not None:
+            save_model(tmp / MODEL_FILE, converted, {**meta, "source": redact(params.source), "revision": params.revision})
         else:
             fetch(params.source, params.sha256, tmp / MODEL_FILE)
             load_model(tmp, expect_shape=data.shape, expect_scale=scale,  # refuse a teacher of another scale/shape

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
-import os
 import threading
 import warnings
 from collections.abc import Sequence
@@ -154,13 +153,12 @@ def resolve_dinov2(weights: str) -> tuple[Path | None, str]:
         return local, "ok"
     if weights.startswith((".", "/")) or weights.count("/") != 1:
         raise StageError(f"evaluate.dinov2_weights={weights!r}: neither a directory nor a hub id such as facebook/dinov2-large")
-    from huggingface_hub import snapshot_download
+    from study.fetch import hub_snapshot, offline
 
-    offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "SCM_OFFLINE"))
     try:
-        folder = snapshot_download(weights, allow_patterns=["config.json", "model.safetensors"], local_files_only=offline)
-    except Exception as e:
-        how = "offline and not in the Hugging Face cache" if offline else f"download failed ({type(e).__name__})"
+        folder = hub_snapshot(weights, "", ["config.json", "model.safetensors"], who="evaluate.dinov2_weights")
+    except StageError:
+        how = "offline and not in the Hugging Face cache" if offline() else "download failed"
         return None, f"DINOv2 weights {weights!r} unavailable: {how}; FD-DINOv2 skipped"
     return resolve_dinov2(folder)
 

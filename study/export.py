@@ -3,7 +3,7 @@
 The directory :func:`export_pipeline` writes is a standard diffusers pipeline folder:
 
 - ``unet/``: :class:`SCMUNet2DModel`, the project's U-Net F_θ as a diffusers ``ModelMixin`` (config + safetensors
-  weights). Its output is the TrigFlow velocity σ_d·F_θ(x_t/σ_d, t) (paper Eq. 3), the ``model_output`` that
+  weights), or :class:`SCMTrigFlowUNet2DModel` for a student of a diffusers teacher. Its output is the TrigFlow velocity σ_d·F_θ(x_t/σ_d, t) (paper Eq. 3), the ``model_output`` that
   diffusers' ``SCMScheduler`` (``prediction_type="trigflow"``) turns into x̂0 = cos t·x_t − sin t·σ_d F_θ (Eq. 5).
 - ``scheduler/``: ``SCMScheduler`` with the student's σ_d.
 - ``vae/``: the codec's AutoencoderKL, for latent models (absent for pixel models).
@@ -44,6 +44,7 @@ from scm import nn as scm_nn
 from scm import samplers
 from scm.constants import T_MID
 from scm.trigflow import velocity
+from study import diffusers_models
 from study.codec import Codec, load_codec
 from study.errors import StageError
 from study.files import atomic_output_dir
@@ -82,6 +83,26 @@ class SCMUNet2DModel(ModelMixin, ConfigMixin):
         t = t.expand(sample.shape[0]) if t.ndim == 0 else t  # (N,)
         v = velocity(self.net, sample, t, self.config.sigma_data, class_labels)  # σ_d·F_θ(x_t/σ_d, t), Eq. 3
         return SCMUNetOutput(sample=v) if return_dict else (v,)
+
+
+class SCMTrigFlowUNet2DModel(ModelMixin, ConfigMixin):
+    """A student distilled from a diffusers ``UNet2DModel`` teacher (:class:`study.diffusers_models.TrigFlowUNet2D`:
+    the UNet2DModel behind its discrete-schedule adapter) as a diffusers model whose output is σ_d·F_θ(x_t/σ_d, t),
+    like :class:`SCMUNet2DModel`."""
+
+    @register_to_config
+    def __init__(self, unet2d: dict | None = None, alphas_cumprod: list[float] | None = None, prediction: str = "eps",
+                 data_scale: float = 1.0, sigma_data: float = 0.5):
+        super().__init__()
+        from study.diffusers_models import build
+
+        self.net = build({"unet2d": unet2d, "alphas_cumprod": alphas_cumprod, "prediction": prediction,
+                          "data_scale": data_scale, "sigma_data": sigma_data})
+
+    forward = SCMUNet2DModel.forward
+
+
+STUDENT_MODELS = {cls.__name__: cls for cls in (SCMUNet2DModel, SCMTrigFlowUNet2DModel)}
 
 
 class SCMPipeline(DiffusionPipeline):
@@ -174,7 +195,12 @@ def build_pipeline(student_dir: Path, latents_dir: Path, *, t_mid: float = T_MID
         raise StageError(f"{name or student_dir}: a model of latent shape {meta.get('latent_shape')}, but the codec in "
                          f"{latents_dir} makes {list(codec.latent_shape)}")
     sigma_data = float(meta["sigma_data"])
-    unet = SCMUNet2DModel(**asdict(net.cfg), sigma_data=sigma_data)
+    if isinstance(net, diffusers_models.TrigFlowUNet2D):
+        described = diffusers_models.describe(net)
+        unet = SCMTrigFlowUNet2DModel(**{k: described[k] for k in ("unet2d", "alphas_cumprod", "prediction", "data_scale",
+                                                                   "sigma_data")})
+    else:
+        unet = SCMUNet2DModel(**asdict(net.cfg), sigma_data=sigma_data)
     unet.net.load_state_dict(net.state_dict())
     return SCMPipeline(unet=unet.eval(), scheduler=SCMScheduler(sigma_data=sigma_data), vae=codec.vae,
                        image_shape=list(codec.image_shape), latent_mean=codec.mean.tolist(),
@@ -213,7 +239,10 @@ def load_pipeline(path: Path, device: str = "cpu") -> SCMPipeline:
         if index.get("_class_name") != [PIPELINE_MODULE, "SCMPipeline"]:
             raise ValueError(f"model_index.json names the pipeline {index.get('_class_name')!r}, not an sCM export")
         kw = dict(use_safetensors=True, low_cpu_mem_usage=False)
-        unet = SCMUNet2DModel.from_pretrained(path / "unet", **kw)
+        model_cls = STUDENT_MODELS.get(index.get("unet", [None, None])[1])
+        if model_cls is None:
+            raise ValueError(f"model_index.json names the network {index.get('unet')!r}, not an sCM student")
+        unet = model_cls.from_pretrained(path / "unet", **kw)
         scheduler = SCMScheduler.from_pretrained(path / "scheduler")
         vae = AutoencoderKL.from_pretrained(path / "vae", **kw) if (path / "vae").is_dir() else None
         pipe = SCMPipeline(unet=unet, scheduler=scheduler, vae=vae, image_shape=index["image_shape"],

@@ -100,6 +100,27 @@ def fetch(source: str, sha256: str, dest: Path) -> Path:
     return _copy_local(source, sha256, dest, name=source)
 
 
+def offline() -> bool:
+    """Whether downloads are off: ``HF_HUB_OFFLINE`` or ``SCM_OFFLINE`` set to 1/true/yes/on."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "SCM_OFFLINE"))
+
+
+def hub_snapshot(repo_id: str, revision: str, patterns: list[str], *, who: str) -> Path:
+    """The files of hub repository ``repo_id`` at ``revision`` ("" = main) matching ``patterns``, from the Hugging
+    Face cache, downloaded into it first unless :func:`offline` (huggingface_hub writes each file atomically and
+    checks it against the hub's hash)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,
+                                      local_files_only=offline()))
+    except Exception as e:  # huggingface_hub raises many types; all mean "not available"
+        how = ("offline (HF_HUB_OFFLINE or SCM_OFFLINE) and not in the Hugging Face cache" if offline()
+               else f"download failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
+        at = f"@{revision}" if revision else ""
+        raise StageError(f"{who}: hub repository {repo_id}{at} unavailable: {how}") from None
+
+
 def mlflow_store() -> str:
     """The MLflow store a ``models:/`` or ``runs:/`` source is read from: ``$MLFLOW_TRACKING_URI``, else the project's
     own ``mlflow.db`` when it exists (the pipeline's default store). Never a new, empty store in the current directory.

@@ -1,7 +1,9 @@
 """Networks on disk: one self-describing safetensors file per model.
 
-A model file holds the weights plus, in the safetensors metadata, the JSON network description (scale, U-Net config,
-latent shape, σ_d). It is never a pickle, so loading runs no code.
+A model file holds the weights plus, in the safetensors metadata, the JSON network description (scale, network
+config, latent shape, σ_d). It is never a pickle, so loading runs no code. Two kinds of network: the project's U-Net
+(:class:`scm.nn.UNet`, metadata key ``unet``) and a diffusers ``UNet2DModel`` teacher behind its TrigFlow adapter
+(``"kind": "diffusers-unet2d"``, :mod:`study.diffusers_models`); both are called ``net(x_hat, t, class_labels)``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from study.errors import StageError
 from study.files import atomic_replace_file
 
 MODEL_FILE = "model.safetensors"
+KIND_DIFFUSERS = "diffusers-unet2d"  # study.diffusers_models.KIND (not imported: diffusers loads only when needed)
 
 
 def build_net(scale: str, latent_shape: tuple[int, ...], dropout: float = 0.0) -> scm_nn.UNet:
@@ -32,7 +35,12 @@ def build_net(scale: str, latent_shape: tuple[int, ...], dropout: float = 0.0) -
 
 def save_model(path: Path, net: nn.Module, meta: dict[str, Any]) -> None:
     """Weights + JSON description in one safetensors file, written atomically."""
-    info = {**meta, "unet": dataclasses.asdict(net.cfg), "n_params": scm_nn.count_params(net)}
+    from study import diffusers_models
+
+    meta = {k: v for k, v in meta.items() if k not in ("unet", "kind", "unet2d", "alphas_cumprod")}
+    described = (diffusers_models.describe(net) if isinstance(net, diffusers_models.TrigFlowUNet2D)
+                 else {"unet": dataclasses.asdict(net.cfg)})
+    info = {**meta, **described, "n_params": scm_nn.count_params(net)}
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     atomic_replace_file(Path(path), lambda tmp: save_file(state, str(tmp), metadata={"scm": json.dumps(info)}))
 
@@ -60,13 +68,17 @@ def read_model_meta(path: Path, *, name: str | None = None) -> dict[str, Any]:
         info = json.loads(meta["scm"])
     except json.JSONDecodeError as e:
         raise StageError(f"{who}: the 'scm' metadata is not valid JSON ({e})") from None
-    if not isinstance(info, dict) or not isinstance(info.get("unet"), dict):
+    if not isinstance(info, dict):
+        raise StageError(f"{who}: the 'scm' metadata does not describe a network (not a JSON object)")
+    if info.get("kind", "unet") == "unet" and not isinstance(info.get("unet"), dict):
         raise StageError(f"{who}: the 'scm' metadata does not describe a network (no 'unet' mapping)")
+    if info.get("kind", "unet") not in ("unet", KIND_DIFFUSERS):
+        raise StageError(f"{who}: the 'scm' metadata describes a network of unknown kind {_short(info.get('kind'))}")
     return info
 
 
 def load_model(path: Path, *, expect_shape: tuple[int, ...] | None = None, expect_scale: str | None = None,
-               device: str | torch.device = "cpu", name: str | None = None) -> tuple[scm_nn.UNet, dict[str, Any]]:
+               device: str | torch.device = "cpu", name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Load a model file (or a directory holding ``model.safetensors``); check it fits the data and the scale.
 
     Errors begin with ``name`` (default: the path), e.g. the user's ``teacher.source`` when ``path`` is a fetched copy.
@@ -89,16 +101,15 @@ def load_model(path: Path, *, expect_shape: tuple[int, ...] | None = None, expec
     # The network the metadata describes, first on the meta device: nothing is allocated until its every tensor
     # has been matched against the tensors the file really holds, so a forged width cannot ask for terabytes.
     try:
-        cfg = scm_nn.UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["unet"].items()})
         with torch.device("meta"):
-            skeleton = scm_nn.UNet(cfg)
-    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as e:
+            skeleton = _build(meta)
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, RuntimeError, AttributeError) as e:
         raise StageError(f"{who}: the 'scm' metadata describes no valid network "
                          f"({type(e).__name__}: {_cut(str(e).splitlines()[0] if str(e) else '', 200)})") from None
     mismatch = _shape_mismatch(path, skeleton)
     if mismatch is not None:
         raise StageError(f"{who}: weights do not match the network they describe ({mismatch})")
-    net = scm_nn.UNet(cfg)
+    net = _build(meta)
     try:
         state = load_file(str(path))
         net.load_state_dict(state)
@@ -108,6 +119,16 @@ def load_model(path: Path, *, expect_shape: tuple[int, ...] | None = None, expec
     if bad is not None:
         raise StageError(f"{who}: tensor {_short(bad)} holds NaN or inf (a diverged or damaged model)")
     return net.to(device).eval().requires_grad_(False), meta
+
+
+def _build(meta: dict[str, Any]) -> nn.Module:
+    """The network a model file's metadata describes, with fresh weights, on the current default device."""
+    if meta.get("kind") == KIND_DIFFUSERS:
+        from study import diffusers_models
+
+        return diffusers_models.build(meta)
+    cfg = scm_nn.UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["unet"].items()})
+    return scm_nn.UNet(cfg)
 
 
 def _shape_mismatch(path: Path, skeleton: nn.Module) -> str | None:

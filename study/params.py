@@ -168,8 +168,10 @@ class TrainingParams:
 class TeacherParams(TrainingParams):
     """stages/teacher.py (per scale): a TrigFlow diffusion teacher (Adam), trained here or fetched."""
 
-    source: str  # train | a local directory/file | https://... (needs sha256) | models:/name/version (MLflow)
+    source: str  # train | a model file/dir | https://... (needs sha256) | models:/... (MLflow) | a diffusers dir or hub id
     sha256: str  # required for an https source
+    revision: str  # a diffusers hub id's revision ("" = main)
+    data_scale: float = bounded(**POSITIVE)  # a diffusers teacher's data per codec unit ([-1, 1] pixels: 1; VAE latents: its scaling_factor)
 
     def validate(self, prefix: str) -> None:
         if not self.source.strip():

@@ -209,13 +209,13 @@ def write_prepared(root: Path, images: torch.Tensor, n_eval: int) -> Path:
     return root
 
 
-def tiny_latents(tmp_path: Path, codec: str) -> Path:
+def tiny_latents(tmp_path: Path, codec: str, **encode_changes: Any) -> Path:
     """The encode stage's output for 24 tiny 1×8×8 images: a 2-step AutoencoderKL (``codec="train"``) or pixels."""
     from stages import encode
 
     prepared = write_prepared(tmp_path / "prepared", synthetic_images(24, 1, 8), n_eval=8)
     params = section("encode", codec=codec, channels=(8, 16), latent_channels=2, steps=2, batch_size=8,
-                     encode_batch_size=16, checkpoint_every=0)
+                     encode_batch_size=16, checkpoint_every=0, **encode_changes)
     encode.run(params, section("base"), prepared, tmp_path / "latents")
     return tmp_path / "latents"
 

@@ -4,9 +4,10 @@ Consumes ``data/latents`` (encode stage). Produces ``artifacts/<scale>/teacher/m
 self-describing) with ``resolved_params.json``, the metrics file ``metrics/<scale>/teacher.json`` and the training
 curve ``plots/<scale>/teacher_history.csv``.
 
-``teacher.source`` other than ``train`` fetches a model file (a path, an https URL with its sha256, an MLflow model)
-or converts a diffusers ``UNet2DModel`` (a directory or hub id, :mod:`study.diffusers_models`) into the model-file
-format, behind its TrigFlow adapter.
+``teacher.source: ddpm`` trains a diffusers ``UNet2DModel`` with diffusers' own DDPM recipe instead, writes it with
+``save_pretrained`` beside the model file (``diffusers/``) and converts it like an imported one. Other sources fetch
+a model file (a path, an https URL with its sha256, an MLflow model) or convert a diffusers ``UNet2DModel`` (a
+directory or hub id, :mod:`study.diffusers_models`) into the model-file format, behind its TrigFlow adapter.
 
 Training follows the paper's teacher recipe at CPU size: the TrigFlow diffusion loss (Eq. 4) with the log-normal
 proposal and adaptive weighting, Adam with a short learning-rate warm-up, EMA weights for everything downstream.
@@ -34,6 +35,9 @@ from study.models import MODEL_FILE, build_net, load_model, save_model
 from study.params import BaseParams, TeacherParams, to_plain
 from study.runtime import amp_dtype
 from study.training import TrainSpec, train, write_history
+
+
+DIFFUSERS_DIR = "diffusers"  # teacher.source: ddpm also writes the UNet2DModel and its scheduler here
 
 
 def diffusers_teacher(params: TeacherParams, base: BaseParams, data: Latents, scale: str) -> torch.nn.Module:
@@ -76,6 +80,18 @@ def run(params: TeacherParams, base: BaseParams, scale: str, latents_dir: Path, 
                 net_dp, x0, sigma_data=base.sigma_data, P_mean=params.P_mean, P_std=params.P_std, weight_head=head_dp,
                 noise=noise),
             optimizer=lambda p: torch.optim.Adam(p, lr=params.lr, betas=(0.9, 0.999), eps=1e-8))
+    elif params.source == "ddpm":
+        # diffusers' DDPM recipe on a UNet2DModel of this scale's widths: the data scaled to unit variance
+        # (x0/σ_d), integer timesteps, DDPMScheduler.add_noise, ε-MSE; Adam.
+        torch.manual_seed(base.seed)
+        net = diffusers_models.ddpm_unet(scale, data.shape, params.dropout).to(device)
+        scheduler = diffusers_models.ddpm_scheduler()
+        spec = TrainSpec(
+            name=f"teacher-{scale}", section="teacher", settings=params, seed=base.seed,
+            objective=lambda net_dp, head_dp: lambda step, x0, noise: diffusers_models.ddpm_loss(
+                net_dp, scheduler, x0 / base.sigma_data, noise),
+            optimizer=lambda p: torch.optim.Adam(p, lr=params.lr, betas=(0.9, 0.999), eps=1e-8))
+    if params.source in ("train", "ddpm"):
         ckpt = run_checkpointer(checkpoint_root, spec.name, params.checkpoint_every, stage="teacher", params=params,
                                 base=base, inputs=[Path(latents_dir) / "latents.safetensors"])
         result = train(net, spec, data.train, dist=dist, checkpoint=ckpt, progress=progress)
@@ -86,7 +102,15 @@ def run(params: TeacherParams, base: BaseParams, scale: str, latents_dir: Path, 
     if result is None and diffusers_models.is_diffusers_source(params.source):
         converted = diffusers_teacher(params, base, data, scale)
     with atomic_output_dir(out_dir) as tmp:
-        if result is not None:
+        if result is not None and params.source == "ddpm":
+            # The diffusers folder (save_pretrained) and, from it, the TrigFlow teacher the later stages load.
+            result.ema.net.save_pretrained(tmp / DIFFUSERS_DIR, safe_serialization=True)
+            scheduler.save_pretrained(tmp / DIFFUSERS_DIR)
+            converted = diffusers_models.load_teacher(str(tmp / DIFFUSERS_DIR), "", data_shape=tuple(data.shape),
+                                                      sigma_data=base.sigma_data, data_scale=1 / base.sigma_data,
+                                                      who="teacher.source='ddpm'")
+            save_model(tmp / MODEL_FILE, converted, {**meta, "source": "ddpm"})
+        elif result is not None:
             save_model(tmp / MODEL_FILE, result.ema.net, meta)
         elif converted is not None:
             save_model(tmp / MODEL_FILE, converted, {**meta, "source": redact(params.source), "revision": params.revision})

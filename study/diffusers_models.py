@@ -94,6 +94,53 @@ class TrigFlowUNet2D(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# teacher.source: ddpm. A UNet2DModel trained here with diffusers' own DDPM recipe (the teacher of the digits-ddpm
+# profile): integer timesteps drawn uniformly, DDPMScheduler.add_noise, ε-MSE.
+
+DDPM_TIMESTEPS = 1000
+
+
+def ddpm_unet(scale: str, data_shape: tuple[int, ...], dropout: float = 0.0) -> nn.Module:
+    """A ``UNet2DModel`` of the widths of the project's scale ``scale`` (:data:`scm.scales.SCALES`)."""
+    from diffusers import UNet2DModel
+
+    from scm.scales import SCALES
+
+    s = SCALES[scale]
+    widths = [s.model_channels * m for m in s.channel_mult]
+    down = ["AttnDownBlock2D" if i in s.attn_levels else "DownBlock2D" for i in range(len(widths))]
+    up = ["AttnUpBlock2D" if i in s.attn_levels else "UpBlock2D" for i in reversed(range(len(widths)))]
+    return UNet2DModel(sample_size=tuple(data_shape[1:]), in_channels=data_shape[0], out_channels=data_shape[0],
+                       block_out_channels=tuple(widths), layers_per_block=s.num_blocks, down_block_types=tuple(down),
+                       up_block_types=tuple(up), norm_num_groups=8, attention_head_dim=widths[-1] // s.num_heads,
+                       dropout=dropout)
+
+
+def ddpm_scheduler() -> Any:
+    """DDPM's schedule: 1,000 linear betas from 1e-4 to 0.02, ε-prediction."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=DDPM_TIMESTEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         prediction_type="epsilon")
+
+
+def ddpm_loss(unet: nn.Module, scheduler: Any, x0: Tensor, noise: Any) -> Any:
+    """diffusers' DDPM training objective E‖ε_θ(√ᾱ_i x0 + √(1−ᾱ_i) ε, i) − ε‖², i uniform on 0 … T−1.
+
+    ``noise`` is the training loop's :class:`scm.losses.Noise`: its normal ``u`` becomes the uniform timestep through
+    the normal CDF, its ``eps`` is ε, so the loop's seeding and data parallelism apply unchanged.
+    """
+    from scm.losses import LossOutput
+
+    T = scheduler.config.num_train_timesteps
+    timesteps = (torch.special.ndtr(noise.u.to(torch.float64)) * T).long().clamp(0, T - 1).to(x0.device)
+    eps = noise.eps.to(x0.dtype)
+    noisy = scheduler.add_noise(x0, eps, timesteps)
+    sq_err = ((unet(noisy, timesteps).sample.float() - eps) ** 2).reshape(len(x0), -1).mean(dim=1)
+    return LossOutput(sq_err.mean(), sq_err.detach(), timesteps.to(x0.dtype), {"mse": sq_err.mean().item()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The model-file format's second kind.
 
 

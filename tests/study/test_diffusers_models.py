@@ -151,3 +151,29 @@ def test_bad_sources_fail_in_one_line(tmp_path, monkeypatch, case, message):
         load_teacher(source, "", data_shape=shape, sigma_data=0.5, data_scale=1.0, who=f"teacher.source={source!r}")
     assert str(e.value).startswith(f"teacher.source={source!r}: ") and message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_teacher_source_ddpm_trains_a_unet2dmodel_with_diffusers_recipe(tmp_path):
+    latents = tiny_latents(tmp_path, "train")  # the standardised latents of a trained codec, any per-channel scaling
+    shape = tuple(load_codec(latents).latent_shape)
+    params = section("teacher", source="ddpm", steps=4, batch_size=8, lr_warmup_steps=1, log_every=1,
+                     checkpoint_every=0, adaptive_weight=False)
+    base = section("base", scales=["cpu-xs"])
+    m = teacher.run(params, base, "cpu-xs", latents, tmp_path / "teacher", tmp_path / "t.json", tmp_path / "t.csv",
+                    progress=False)
+    folder = tmp_path / "teacher" / "diffusers"
+    assert json.loads((folder / "config.json").read_text())["_class_name"] == "UNet2DModel"
+    assert json.loads((folder / "scheduler_config.json").read_text())["beta_schedule"] == "linear"
+    assert (folder / "diffusion_pytorch_model.safetensors").is_file()
+    net, meta = load_model(tmp_path / "teacher", expect_shape=shape, expect_scale="cpu-xs")
+    assert meta["source"] == "ddpm" and meta["data_scale"] == 2.0 and m["final_loss"] > 0  # ε-MSE, x0/σ_d
+    # The converted teacher is the saved UNet2DModel behind the adapter: ε-prediction at the fractional timestep.
+    unet = UNet2DModel.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False).eval()
+    x_hat, t = torch.randn(2, *shape), torch.tensor([0.4, 1.3])
+    tau = net.schedule.timestep(2.0 * 0.5 * torch.tan(t))
+    a, b = net.schedule.alpha(tau)[:, None, None, None], net.schedule.sigma(tau)[:, None, None, None]
+    x_prime = a * 2.0 * (0.5 * x_hat) / torch.cos(t)[:, None, None, None]
+    with torch.no_grad():
+        x0 = (x_prime - b * unet(x_prime, tau).sample) / a / 2.0
+        F = (torch.cos(t)[:, None, None, None] * 0.5 * x_hat - x0) / torch.sin(t)[:, None, None, None] / 0.5
+        assert torch.allclose(net(x_hat, t), F, atol=1e-5)

@@ -7,6 +7,7 @@
   python -m pipeline deploy --pool gpu --source https://host/scm.git # to a work pool served by `prefect worker start`
   python -m pipeline export --scale cpu-s                           # the student as a diffusers pipeline folder
   python -m pipeline generate --model exports/cpu-s --n 16 --out gen # PNGs and a grid, same seeds as the sample stage
+  python -m pipeline convert-edm edm2-img512-s-fid.pkl --out s.safetensors  # an EDM/EDM2 pickle, no code run
 
 Without PREFECT_API_URL, reproduce and sweep start a temporary Prefect server for the run (no UI afterwards);
 with ``prefect server start`` running and PREFECT_API_URL=http://127.0.0.1:4200/api they show in its UI.
@@ -89,7 +90,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{reproduce,sweep,serve,deploy,export,generate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{reproduce,sweep,serve,deploy,export,generate,convert-edm}")
 
     p = sub.add_parser("reproduce", help="run every stage for every scale through DVC; record in MLflow and Prefect",
                        description="Run data -> encode -> classifier -> (teacher -> distill -> sample -> evaluate) per "
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate.add_export_parser(sub)
     generate.add_generate_parser(sub)
+    generate.add_convert_parser(sub)
     return parser
 
 
@@ -185,8 +187,9 @@ def _api_warning() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("export", "generate"):
-            return generate.export_main(args) if args.command == "export" else generate.generate_main(args)
+        tools = {"export": generate.export_main, "generate": generate.generate_main, "convert-edm": generate.convert_main}
+        if args.command in tools:
+            return tools[args.command](args)
         params = _parameters(args)
         if args.command == "sweep":
             params.pop("scales", None)

@@ -62,6 +62,27 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
 
 
+def add_convert_parser(sub: Any) -> None:
+    p = sub.add_parser("convert-edm", help="read an EDM/EDM2 network pickle without running its code -> safetensors",
+                       description="Read the network under --key of an EDM or EDM2 checkpoint pickle with a restricted "
+                                   "unpickler (tensors and containers only; the pickled source code is never "
+                                   "executed, any other global is refused) and write its state dict as safetensors, "
+                                   "with the class name and constructor arguments in the metadata.")
+    p.add_argument("pickle", type=Path, help="e.g. edm-cifar10-32x32-uncond-vp.pkl or edm2-img512-s-fid.pkl")
+    p.add_argument("--key", default="ema", help="the network's key in the pickle (default ema)")
+    p.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+
+
+def convert_main(args: argparse.Namespace) -> int:
+    from study.edm_pickles import convert
+
+    check_paths(inputs={"pickle": args.pickle}, outputs={"--out": args.out})
+    info = convert(args.pickle, args.out, args.key)
+    print(f"convert-edm: {info['class_name']} ({info['parameters'] / 1e6:.1f} M parameters, {info['tensors']} tensors) "
+          f"-> {args.out}")
+    return 0
+
+
 def export_main(args: argparse.Namespace) -> int:
     from study.export import export_pipeline
 

@@ -112,6 +112,9 @@ def test_the_state_dict_and_arguments_come_back(tmp_path):
     out = tmp_path / "converted.safetensors"
     summary = convert(path, out)
     assert summary["tensors"] == len(expected)
+    from pipeline.cli import main
+    assert main(["convert-edm", str(path), "--out", str(tmp_path / "cli.safetensors")]) == 0
+    assert (tmp_path / "cli.safetensors").read_bytes() == out.read_bytes()
     with safe_open(str(out), framework="pt") as f:
         assert json.loads(f.metadata()["edm"])["class_name"] == "Net"
         assert torch.equal(f.get_tensor("enc.weight"), expected["enc.weight"])

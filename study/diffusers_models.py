@@ -108,6 +108,11 @@ def ddpm_unet(scale: str, data_shape: tuple[int, ...], dropout: float = 0.0) -> 
 
     s = SCALES[scale]
     widths = [s.model_channels * m for m in s.channel_mult]
+    factor = 2 ** (len(widths) - 1)
+    if any(n % factor for n in data_shape[1:]):
+        raise StageError(f"teacher.source='ddpm': a UNet2DModel of scale {scale} halves the resolution "
+                         f"{len(widths) - 1} time(s) and needs sizes divisible by {factor}, but the latents are "
+                         f"{data_shape[1]}×{data_shape[2]} (change data.image_size or encode.channels)")
     down = ["AttnDownBlock2D" if i in s.attn_levels else "DownBlock2D" for i in range(len(widths))]
     up = ["AttnUpBlock2D" if i in s.attn_levels else "UpBlock2D" for i in reversed(range(len(widths)))]
     return UNet2DModel(sample_size=tuple(data_shape[1:]), in_channels=data_shape[0], out_channels=data_shape[0],

@@ -177,3 +177,11 @@ def test_teacher_source_ddpm_trains_a_unet2dmodel_with_diffusers_recipe(tmp_path
         x0 = (x_prime - b * unet(x_prime, tau).sample) / a / 2.0
         F = (torch.cos(t)[:, None, None, None] * 0.5 * x_hat - x0) / torch.sin(t)[:, None, None, None] / 0.5
         assert torch.allclose(net(x_hat, t), F, atol=1e-5)
+
+
+def test_ddpm_unet_refuses_latents_it_cannot_halve():
+    from study.diffusers_models import ddpm_unet
+
+    with pytest.raises(StageError, match=r"^teacher.source='ddpm': a UNet2DModel of scale cpu-s halves the resolution "
+                                         r"1 time\(s\) and needs sizes divisible by 2, but the latents are 7×7"):
+        ddpm_unet("cpu-s", (4, 7, 7))

@@ -128,7 +128,7 @@ def generate_main(args: argparse.Namespace) -> int:
         raise StageError(f"--out {args.out}: exists; generate writes a new directory")
     device = pick_device(args.device)
     pipe = load_any(args.model, args.latents, device, args.t_mid)
-    labels = _labels(args.labels, args.n, pipe.unet.config.num_classes)
+    labels = _labels(args.labels, args.n, pipe.unet.num_classes)
     seeds = list(range(args.seed, args.seed + args.n))
 
     images = []

@@ -77,6 +77,11 @@ class SCMUNet2DModel(ModelMixin, ConfigMixin):
                                 num_heads=num_heads, dropout=dropout, num_classes=num_classes, groups=groups)
         self.net = scm_nn.UNet(cfg)
 
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional network (0: unconditional)."""
+        return int(self.config.num_classes)
+
     def forward(self, sample: Tensor, timestep: Tensor | float, class_labels: Tensor | None = None,
                 return_dict: bool = True) -> SCMUNetOutput | tuple[Tensor]:
         t = torch.as_tensor(timestep, dtype=sample.dtype, device=sample.device)
@@ -100,6 +105,10 @@ class SCMTrigFlowUNet2DModel(ModelMixin, ConfigMixin):
                           "data_scale": data_scale, "sigma_data": sigma_data})
 
     forward = SCMUNet2DModel.forward
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.unet2d.get("num_class_embeds") or 0)
 
 
 STUDENT_MODELS = {cls.__name__: cls for cls in (SCMUNet2DModel, SCMTrigFlowUNet2DModel)}

@@ -110,6 +110,10 @@ def test_teacher_stage_converts_and_sCD_distils_through_it(tmp_path):
     pipe = load_pipeline(tmp_path / "pipe")
     assert type(pipe.unet).__name__ == "SCMTrigFlowUNet2DModel"
     assert torch.equal(pipe(seeds=[0, 1], num_inference_steps=2, output_type="pt").images, images)
+    from pipeline.cli import main
+    assert main(["generate", "--model", str(tmp_path / "student"), "--latents", str(latents), "--n", "2",
+                 "--out", str(tmp_path / "generated")]) == 0
+    assert (tmp_path / "generated" / "grid.png").is_file()
 
 
 def test_the_codec_must_scale_every_channel_alike(tmp_path):

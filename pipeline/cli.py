@@ -1,6 +1,8 @@
 """``python -m pipeline``: reproduce the study, sweep it, or serve/deploy the flows on a schedule.
 
+  python -m pipeline reproduce --profile default                    # the study: DVC + Prefect + MLflow (make repro)
   python -m pipeline reproduce --profile smoke                      # every stage, every scale; MLflow + artifacts
+  python -m pipeline record                                         # MLflow record of a finished plain `dvc repro`
   python -m pipeline reproduce -S distill.steps=3000 --scales cpu-s # overrides as in `dvc exp run -S`
   python -m pipeline sweep --profile smoke -G distill.steps=4,8 -j 2 # isolated copies, 2 at a time
   python -m pipeline serve --cron "0 2 * * *" --profile smoke       # nightly, against `prefect server start`
@@ -81,7 +83,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override a parameter, as `dvc exp run -S` (repeatable), e.g. -S distill.steps=500")
     parser.add_argument("--scales", nargs="+", default=None, metavar="SCALE", help="shorthand for -S base.scales=[...]")
     parser.add_argument("--project", default=None, metavar="DIR",
-                        help="the DVC project (default: the current directory if it holds dvc.yaml, else this checkout)")
+                        help="the DVC project (default: the current directory; refused if it holds no dvc.yaml and params.yaml)")
     parser.add_argument("--tracking-uri", default=None, metavar="URI",
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:////<project>/mlflow.db)")
     parser.add_argument("--pull", action="store_true", help="dvc repro --pull: fetch missing outputs from the DVC remote")
@@ -90,7 +92,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{reproduce,sweep,serve,deploy,export,generate,convert-edm}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{reproduce,record,sweep,serve,deploy,export,generate,convert-edm}")
 
     p = sub.add_parser("reproduce", help="run every stage for every scale through DVC; record in MLflow and Prefect",
                        description="Run data -> encode -> classifier -> (teacher -> distill -> sample -> evaluate) per "
@@ -141,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the flow runs")
     p.add_argument("--push", action="store_true", help="reproduce: dvc push --run-cache at the end")
 
+    p = sub.add_parser("record", help="record the outputs of a finished `dvc repro` in MLflow (runs no stage)",
+                       description="Write the MLflow record that `reproduce` writes (a parent run, a child per scale "
+                                   "with the times its stages ran, the students as MLflow models) from the outputs "
+                                   "of a plain `dvc repro`. Refused unless `dvc status` is clean (the outputs are the "
+                                   "ones dvc.lock names).")
+    p.add_argument("--project", default=None, metavar="DIR", help="the DVC project (default: the current directory)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:////<project>/mlflow.db)")
+    p.add_argument("--register", action=argparse.BooleanOptionalAction, default=None,
+                   help="register the students (default: yes, except for the smoke profile)")
+
     generate.add_export_parser(sub)
     generate.add_generate_parser(sub)
     generate.add_convert_parser(sub)
@@ -190,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         tools = {"export": generate.export_main, "generate": generate.generate_main, "convert-edm": generate.convert_main}
         if args.command in tools:
             return tools[args.command](args)
+        if args.command == "record":
+            return _record(args)
         params = _parameters(args)
         if args.command == "sweep":
             params.pop("scales", None)
@@ -218,8 +233,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.command} {state.name.lower()}: {state.message}", file=sys.stderr)
         return 1
     result = state.result()
-    print(f"{args.command}: completed; MLflow {result['tracking_uri']} run {result['run_id']}")
     _print_table(result.get("table") or [])
+    print(f"{args.command}: completed")
+    if args.command == "reproduce":
+        print(f"  report   {result['reports']}/report.md")
+    print(where_to_look(result["tracking_uri"], result["experiment_id"], result["run_id"], result.get("run_url")))
+    flow_url = result.get("flow_run_url")
+    print(f"  Prefect  {flow_url}" if flow_url and _api_url() else
+          "  Prefect  the run was on a temporary server, now stopped; for the UI: `prefect server start` and "
+          "export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    if args.command == "reproduce" and result["profile"] != "default":
+        print(f"  note     params.yaml now selects profile {result['profile']!r}; `python -m pipeline reproduce "
+              "--profile default` (or `git checkout params.yaml`) goes back")
+    return 0
+
+
+def where_to_look(uri: str, experiment_id: str, run_id: str, run_url: str | None) -> str:
+    """Where the MLflow record is, and how to open it."""
+    if run_url:
+        return f"  MLflow   {run_url}"
+    return (f"  MLflow   run {run_id} in {uri}; open the UI with `mlflow ui --backend-store-uri {uri}`, then "
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
+
+
+def _record(args: argparse.Namespace) -> int:
+    from pipeline import tracking
+
+    cfg = dvc_driver.configure(args.project, None, None, None)
+    stale = dvc_driver.dvc(cfg.project, "status", "--json").strip()
+    if stale not in ("", "{}"):
+        first = next(iter(json.loads(stale)), "?")
+        raise StageError(f"{cfg.project}: outputs differ from dvc.lock (stage {first!r} is not up to date); run "
+                         "`dvc repro` first, or `python -m pipeline reproduce`, which records as it runs")
+    uri = tracking.tracking_uri(cfg.project, args.tracking_uri)
+    stages = dvc_driver.stage_order(cfg.project, cfg.scales)
+    register = cfg.profile != "smoke" if args.register is None else args.register
+    record, summaries = tracking.record_outputs(cfg.project, uri, cfg.profile, cfg.scales, stages, register=register)
+    for s in summaries:
+        print(f"record: {s['scale']}: run {s['run_id']}" + (f", model version {s['model_version']}" if s.get("model_version") else ""))
+    print(where_to_look(uri, record.experiment_id, record.run_id, tracking.run_url(record)))
     return 0
 
 

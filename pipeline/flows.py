@@ -38,10 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
+from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from pipeline import project as dvc_driver
 from pipeline import tracking
@@ -83,7 +86,10 @@ def _sweep_run_name() -> str:
 
 def _retry_transient(_task, _task_run, state) -> bool:
     """Retry a stage only when another attempt can help (see ``pipeline.project.TRANSIENT``)."""
-    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    try:
+        exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    except Exception:  # a Failed state returned by the task (a stage's own error) holds no exception
+        return False
     if isinstance(exc, dvc_driver.StageFailed):
         return exc.transient
     return isinstance(exc, OSError)
@@ -95,28 +101,81 @@ def _retry_transient(_task, _task_run, state) -> bool:
 
 @task(name="configure", task_run_name="configure", cache_policy=NO_CACHE)
 def configure(project: str | None, profile: str | None, overrides: dvc_driver.Overrides, scales: list[str] | None,
-              ) -> tuple[dvc_driver.Configuration, list[str], str]:
-    """Validate the request, record it in ``params.yaml``, list the stages to run in order; and the params digest."""
+              ) -> tuple[dvc_driver.Configuration, list[str], dict[str, list[str]], str, bool]:
+    """Validate the request, record it in ``params.yaml``, list the stages to run in order with their upstream
+    stages in DVC's graph; and the params digest and whether a DVC remote is configured."""
     logger = get_run_logger()
     cfg = dvc_driver.configure(project, profile, overrides, scales)
     if dvc_driver.write_params(cfg):
         logger.info("params.yaml: profile %s%s", cfg.profile, f", {dvc_driver.describe(cfg.overrides)}" if cfg.overrides else "")
     with _dvc_api_lock:
-        stages = dvc_driver.stage_order(cfg.project, cfg.scales)
-    logger.info("project %s, scales %s: %s", cfg.project, ", ".join(cfg.scales), " -> ".join(stages))
-    return cfg, stages, dvc_driver.params_digest(cfg.project)
+        stages, upstream = dvc_driver.stage_graph(cfg.project, cfg.scales)
+        remote = dvc_driver.has_remote(cfg.project)
+    logger.info("profile %s, project %s, scales %s: %s", cfg.profile, cfg.project, ", ".join(cfg.scales),
+                " -> ".join(stages))
+    return cfg, stages, upstream, dvc_driver.params_digest(cfg.project), remote
+
+
+# A tqdm line: "...  45%|####5     | 9/20 [00:01<00:01,  6.7step/s, mse=0.1234, r=0.45, avg_img_s=900]".
+_BAR = re.compile(r"\|\s*(\d+)/(\d+) \[")
+_POSTFIX = re.compile(r"(\w+)=([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
+_PEAK = re.compile(r"^\w+: peak memory (\d+(?:\.\d+)?) MiB")
+
+
+class StageWatcher:
+    """Reads a stage's output as it streams: progress (a Prefect progress artifact, and the bar's values as live
+    MLflow metrics of the scale's run) and the peak memory the stage reports at its end."""
+
+    def __init__(self, stage: str, log, live: tuple[tracking.Record, str] | None, every: float = 10.0) -> None:
+        self.stage, self._log, self.live, self.every = stage, log, live, every
+        self.artifact_id, self.peak_mib, self._last = None, None, 0.0
+
+    def __call__(self, line: str) -> None:
+        self._log(line)
+        if (m := _PEAK.match(line)) is not None:
+            self.peak_mib = float(m.group(1))
+        if (m := _BAR.search(line)) is None:
+            return
+        done, total = int(m.group(1)), max(int(m.group(2)), 1)
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(
+                100.0 * done / total, key=f"progress-{dvc_driver.slug(dvc_driver.task_name(self.stage))}",
+                description=f"{self.stage}: progress of its current bar")
+        elif done == total or time.monotonic() - self._last >= self.every:
+            update_progress_artifact(self.artifact_id, 100.0 * done / total)
+        else:
+            return
+        self._last = time.monotonic()
+        values = {k: float(v) for k, v in _POSTFIX.findall(line.split("[", 1)[-1])}
+        if self.live and values:
+            tracking.log_live(*self.live, self.stage, values, step=done)
 
 
 @task(name="stage", task_run_name=_stage_run_name, retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
 def run_stage(project: Path, stage: str, tracking_uri: str, params_digest: str, pull: bool = False,
-              force: bool = False) -> dict[str, Any]:
-    """``dvc repro --single-item <stage>``, its output streamed into this task's log; refused if params.yaml changed."""
+              force: bool = False, remote: bool = False, live: tuple[tracking.Record, str] | None = None):
+    """``dvc repro --single-item <stage>``, its output streamed into this task's log; refused if params.yaml changed.
+
+    Ends in the state ``Ran``, ``Restored`` (from DVC's run cache), ``Pulled`` (from the remote) or ``Skipped`` (up
+    to date), or ``Failed`` with the stage's own error line as the message (no traceback: it is the user's error,
+    and it is shown once). A transient failure raises, so that the task is retried.
+    """
     logger = get_run_logger()
     dvc_driver.check_params_unchanged(project, params_digest, stage)
-    result = dvc_driver.repro_stage(project, stage, log=logger.info, env=dvc_driver.subprocess_env(tracking_uri), pull=pull, force=force)
+    watcher = StageWatcher(stage, logger.info, live)
+    try:
+        result = dvc_driver.repro_stage(project, stage, log=watcher, env=dvc_driver.subprocess_env(tracking_uri),
+                                        pull=pull, force=force, remote=remote)
+    except dvc_driver.StageFailed as e:
+        if e.transient:
+            raise
+        return Failed(message=str(e))
+    if watcher.artifact_id is not None:
+        update_progress_artifact(watcher.artifact_id, 100.0)
     logger.info("%s: %s in %.1f s", stage, result.outcome, result.seconds)
-    return {"stage": stage, "outcome": result.outcome, "seconds": round(result.seconds, 2)}
+    data = {"stage": stage, "outcome": result.outcome, "seconds": round(result.seconds, 2), "peak_mib": watcher.peak_mib}
+    return Completed(name=result.outcome.capitalize(), message=f"{result.outcome} in {result.seconds:.1f} s", data=data)
 
 
 @task(name="dvc-push", task_run_name="dvc-push", retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
@@ -135,20 +194,24 @@ def open_record(cfg: dvc_driver.Configuration, tracking_uri: str | None, parent_
     tags = {"scm.kind": kind, "scm.project": str(cfg.project)}
     if label:
         tags["scm.point"] = label
-    name = label or f"{kind}-{cfg.profile}"
+    name = tracking.parent_name(cfg.profile if kind == "reproduction" else f"{cfg.profile}-{kind}", cfg.project, label)
+    description = (f"{'Sweep' if kind == 'sweep' else 'Reproduction'} of the sCM study, profile `{cfg.profile}`, "
+                   f"scales {', '.join(cfg.scales)}; overrides: {dvc_driver.describe(cfg.overrides) or 'none'}.")
+    if flow_run.ui_url:
+        description += f" Prefect flow run: [{flow_run.name}]({flow_run.ui_url})."
     record = tracking.open_parent(uri, cfg.project, cfg.profile, run_name=name, params=params, tags=tags,
-                           parent_run_id=parent_run_id)
+                                  parent_run_id=parent_run_id, description=description)
     get_run_logger().info("MLflow: %s, experiment %s, run %s", redact(uri), tracking.experiment_name(cfg.profile), record.run_id)
     return record
 
 
 @task(name="mlflow-scale", task_run_name=_record_run_name, retries=2, retry_delay_seconds=[5, 20], cache_policy=NO_CACHE)
-def record_scale(record: tracking.Record, cfg: dvc_driver.Configuration, scale: str, stages: list[str],
-                 label: str | None = None) -> dict[str, Any]:
-    """The child run of ``scale``: params, curves, evaluation, grids, config; the student registered."""
+def record_scale(record: tracking.Record, cfg: dvc_driver.Configuration, scale: str, stages: list[str], run_id: str,
+                 register: bool = True) -> dict[str, Any]:
+    """Complete the child run of ``scale``: params, curves, evaluation, inputs, grids, config, the student model
+    (registered unless ``register`` is false); the run ends now."""
     resolved = tracking.scale_params(cfg.project, scale, cfg.profile)  # what this scale's stages actually read
-    tags = {"scm.point": label} if label else {}
-    summary = tracking.log_scale(record, cfg.project, scale, resolved, stages=stages, extra_tags=tags)
+    summary = tracking.log_scale(record, cfg.project, scale, resolved, run_id=run_id, stages=stages, register=register)
     get_run_logger().info("%s: run %s, fid_clf 2-step %s, model version %s", scale, summary["run_id"],
                           summary.get(layout.metric("fid_clf", "scm2")), summary.get("model_version"))
     return summary
@@ -170,19 +233,28 @@ def compare_scales(record: tracking.Record, key: str) -> list[dict[str, Any]]:
 
 @task(name="publish-report", task_run_name="publish-report", cache_policy=NO_CACHE)
 def publish_report(record: tracking.Record, cfg: dvc_driver.Configuration, key: str) -> None:
-    """Prefect artifacts from ``reports/``; the report files also on the MLflow parent run."""
-    reports = cfg.project / layout.REPORTS
+    """Prefect artifacts from ``reports/<profile>/`` and a link to the MLflow run; the report files also on the
+    MLflow parent run."""
+    reports = cfg.project / layout.reports_dir(cfg.profile)
     summary = json.loads((reports / layout.SUMMARY).read_text())
-    rows = [dvc_driver.flatten({k: v for k, v in entry.items() if k != "wall_seconds"}) for entry in summary["scales"]]
-    create_table_artifact(rows, key=f"summary-{key}", description=f"reports/summary.json of {cfg.project}")
-    create_markdown_artifact(_report_markdown(reports, record), key=f"report-{key}",
-                             description=f"reports/report.md of {cfg.project}")
+    rows = [_headline_row(entry) for entry in summary["scales"]]
+    create_table_artifact(rows, key=f"summary-{key}", description=f"The headline numbers of `{reports / layout.SUMMARY}` "
+                          "(fid_clf: mean over seed sets; ratio = sCM / teacher; ✓ within the study's targets)")
     c = tracking.client(record.uri)
-    for path in sorted(reports.iterdir()):
-        if path.suffix in (".md", ".json", ".png"):
-            c.log_artifact(record.run_id, str(path), "report")
+    for path in sorted(reports.rglob("*")):
+        if path.suffix in (".md", ".json", ".png", ".csv"):
+            c.log_artifact(record.run_id, str(path), str(Path("report") / path.parent.relative_to(reports)).rstrip("/."))
     if (cfg.project / "dvc.lock").is_file():
         c.log_artifact(record.run_id, str(cfg.project / "dvc.lock"), "lineage")
+    create_markdown_artifact(_report_markdown(reports, record), key=f"report-{key}",
+                             description=f"{reports / layout.REPORT}, images embedded")
+    url = tracking.run_url(record)
+    if url:
+        create_link_artifact(url, link_text=f"MLflow run {record.run_id}", key=f"mlflow-{key}",
+                             description="This reproduction's MLflow parent run (one child run per scale)")
+    else:
+        create_markdown_artifact(_mlflow_markdown(record), key=f"mlflow-{key}",
+                                 description="Where this reproduction's MLflow record is")
 
 
 def _records(table) -> list[dict[str, Any]]:
@@ -191,13 +263,41 @@ def _records(table) -> list[dict[str, Any]]:
     return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
 
 
+def _headline_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """One scale of ``summary.json`` as a short, rounded row of the Prefect table."""
+    from stages.report import verdict
+
+    r = lambda v, d=2: None if v is None else round(v, d)
+    fid, ratio = entry["fid_clf"], entry["fid_clf_ratio"]
+    return {"scale": entry["scale"], "params (M)": r(entry["n_params"] / 1e6), "teacher NFE": entry["teacher_nfe"],
+            "fid_clf teacher": r(fid["teacher"]), "fid_clf 1-step": r(fid["scm1"]), "fid_clf 2-step": r(fid["scm2"]),
+            "ratio 1-step": verdict(ratio["scm1"], "scm1"), "ratio 2-step": verdict(ratio["scm2"], "scm2"),
+            "speedup 2-step": r(entry["speedup"]["scm2"], 1)}
+
+
+EMBED_LIMIT = 2 << 20  # images up to 2 MiB are embedded in the report artifact; larger ones are linked
+
+
 def _report_markdown(reports: Path, record: tracking.Record) -> str:
-    """``report.md`` with its images turned into links: the UI shows images only from public URLs."""
-    text = (reports / layout.REPORT).read_text()
-    text = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", lambda m: f"[{m.group(1) or m.group(2)}]({(reports / m.group(2)).as_uri()}) "
-                  f"(`{reports / m.group(2)}`)", text)
-    return (f"{text}\n\n---\nImages: the links above are files on the machine that ran the flow; the same files are "
-            f"artifacts of MLflow run `{record.run_id}` (`{record.uri}`, under `report/`).\n")
+    """``report.md`` with its images embedded as data URIs (the Prefect UI cannot open files of the flow's machine)."""
+    import base64
+
+    def image(m: re.Match) -> str:
+        path = reports / m.group(2)
+        if path.is_file() and path.stat().st_size <= EMBED_LIMIT:
+            return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+        return f"[{m.group(1) or m.group(2)}]({path.as_uri()}) (`{path}`)"
+
+    text = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", image, (reports / layout.REPORT).read_text())
+    return (f"{text}\n\n---\nThe same files are artifacts of MLflow run `{record.run_id}` "
+            f"(`{redact(record.uri)}`, under `report/`).\n")
+
+
+def _mlflow_markdown(record: tracking.Record) -> str:
+    """How to open a local store's record in the MLflow UI."""
+    return (f"MLflow run `{record.run_id}` (experiment `{record.experiment_id}`) in `{redact(record.uri)}`.\n\n"
+            f"Open it with\n\n```\nmlflow ui --backend-store-uri {redact(record.uri)}\n```\n\nthen "
+            f"http://127.0.0.1:5000/#/experiments/{record.experiment_id}/runs/{record.run_id}\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -208,40 +308,87 @@ def _report_markdown(reports: Path, record: tracking.Record) -> str:
 def reproduce(profile: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
               scales: list[str] | None = None, project: str | None = None, tracking_uri: str | None = None,
               pull: bool = False, push: bool = False, force: bool = False, parent_run_id: str | None = None,
-              label: str | None = None) -> dict[str, Any]:
+              label: str | None = None, register_models: bool | None = None) -> dict[str, Any]:
     """Reproduce the study in one DVC project: data -> encode -> classifier -> (teacher -> distill -> sample ->
-    evaluate) per scale -> report, then record it in MLflow and publish it as Prefect artifacts.
+    evaluate) per scale -> report, recorded in MLflow as it runs and published as Prefect artifacts.
 
     Args:
         profile: a profile under ``profiles:`` of params.yaml (default: the one params.yaml selects).
         overrides: ``["distill.steps=500", ...]`` (``dvc exp run -S`` syntax) or ``{"distill.steps": 500}``.
         scales: shorthand for the override ``base.scales``.
-        project: the project directory (default: the current directory if it holds dvc.yaml, else this checkout).
+        project: the project directory (default: the current directory, which must hold dvc.yaml and params.yaml).
         tracking_uri: MLflow store (default: ``$MLFLOW_TRACKING_URI``, else ``sqlite:////<project>/mlflow.db``).
         pull: ``dvc repro --pull`` (fetch missing outputs and run-cache entries from the DVC remote).
         push: ``dvc push --run-cache`` at the end (share the results through the DVC remote).
         force: ``dvc repro --force`` (run every stage even if DVC says it is up to date).
         parent_run_id: nest this reproduction's MLflow run under that run (used by ``sweep``).
         label: a name for this reproduction in MLflow and artifact keys (used by ``sweep``).
+        register_models: register the students in the MLflow model registry (default: yes, except for the smoke
+            profile).
+
+    The stage tasks depend on each other as in DVC's graph (``wait_for``) and run one at a time (DVC locks the
+    workspace). If the flow fails before any stage ran, ``params.yaml`` is restored as it was.
     """
-    with dvc_driver.flow_lock(dvc_driver.find_project(project)):  # one flow per project: no interleaved params
-        cfg, stages, digest = configure(project, profile, overrides, scales)
-        record = open_record(cfg, tracking_uri, parent_run_id, label)
-        key = dvc_driver.slug(f"{cfg.profile}-{label}" if label else cfg.profile)
+    root = dvc_driver.find_project(project)
+    with dvc_driver.flow_lock(root):  # one flow per project: no interleaved params
+        params_file = root / "params.yaml"
+        before = params_file.read_bytes()
         try:
-            outcomes = [run_stage(cfg.project, stage, record.uri, digest, pull=pull, force=force) for stage in stages]
-            if push:
-                push_outputs(cfg.project)
-            children = [record_scale(record, cfg, scale, stages, label=label) for scale in cfg.scales]
-            table = compare_scales(record, key)
-            publish_report(record, cfg, key)
+            cfg, stages, upstream, digest, remote = configure(project, profile, overrides, scales)
+            record = open_record(cfg, tracking_uri, parent_run_id, label)
         except BaseException:
+            dvc_driver.restore_file(params_file, before)  # nothing ran: the workspace as it was
+            raise
+        key = dvc_driver.slug(f"{cfg.profile}-{label}" if label else cfg.profile)
+        register = cfg.profile != "smoke" if register_models is None else register_models
+        runs: dict[str, str] = {}  # scale -> its MLflow child run, opened before the scale's first stage
+        futures: dict[str, Any] = {}
+        outcomes: list[dict[str, Any]] = []
+        failed = None
+        try:
+            for stage in stages:
+                scale = stage.partition("@")[2]
+                if scale and scale not in runs:
+                    runs[scale] = tracking.open_scale(record, cfg.project, scale,
+                                                      extra_tags={"scm.point": label} if label else None)
+                tags = [f"profile:{cfg.profile}", f"stage:{stage.partition('@')[0]}", *([f"scale:{scale}"] if scale else [])]
+                future = run_stage.with_options(tags=tags).submit(
+                    cfg.project, stage, quote(record.uri), quote(digest), pull=pull, force=force, remote=remote,
+                    live=quote((record, runs[scale]) if scale else None),
+                    wait_for=[futures[u] for u in upstream[stage] if u in futures])
+                futures[stage] = future
+                future.wait()  # one stage at a time: DVC holds the workspace lock while it works
+                if not future.state.is_completed():
+                    failed = future.state
+                    break
+                outcome = future.result()
+                outcomes.append(outcome)
+                if scale:
+                    tracking.log_stage(record, runs[scale], stage, seconds=outcome["seconds"],
+                                       peak_mib=outcome["peak_mib"], outcome=outcome["outcome"])
+            if failed is None:
+                if push:
+                    push_outputs(cfg.project)
+                children = [record_scale(record, cfg, scale, stages, runs.pop(scale), register=register)
+                            for scale in cfg.scales]
+                tracking.log_headline(record, children)
+                table = compare_scales(record, key)
+                publish_report(record, cfg, key)
+        except BaseException:
+            for run_id in runs.values():
+                tracking.close_scale(record, run_id, "FAILED")
             tracking.close(record, "FAILED")
             raise
+        if failed is not None:
+            for run_id in runs.values():
+                tracking.close_scale(record, run_id, "FAILED")
+            tracking.close(record, "FAILED")
+            return Failed(message=failed.message)
         tracking.close(record, "FINISHED")
     return {"project": str(cfg.project), "profile": cfg.profile, "scales": list(cfg.scales),
             "tracking_uri": redact(record.uri), "experiment_id": record.experiment_id, "run_id": record.run_id,
-            "stages": outcomes, "children": children, "table": table}
+            "run_url": tracking.run_url(record), "reports": str(cfg.project / layout.reports_dir(cfg.profile)),
+            "flow_run_url": flow_run.ui_url, "stages": outcomes, "children": children, "table": table}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -53,20 +53,16 @@ Overrides = list[str] | dict[str, Any] | None
 
 
 def find_project(project: str | Path | None = None) -> Path:
-    """The project directory: ``project`` if given, else the current directory, else this checkout.
+    """The project directory: ``project`` if given, else the current directory.
 
-    A directory qualifies if it holds ``dvc.yaml`` and ``params.yaml``.
+    A directory qualifies if it holds ``dvc.yaml`` and ``params.yaml``. There is no fallback to the installed
+    checkout: a command run elsewhere would silently work on (and write into) a project the user is not looking at.
     """
-    if project is not None:
-        candidates = [Path(project)]
-    else:
-        candidates = [Path.cwd(), Path(__file__).resolve().parent.parent]
-    for path in candidates:
-        path = path.expanduser().resolve()
-        if (path / "dvc.yaml").is_file() and (path / "params.yaml").is_file():
-            return path
-    where = candidates[0] if project is not None else Path.cwd()
-    raise StageError(f"project {str(where)!r}: not a project directory (no dvc.yaml and params.yaml there)")
+    path = Path(project if project is not None else Path.cwd()).expanduser().resolve()
+    if (path / "dvc.yaml").is_file() and (path / "params.yaml").is_file():
+        return path
+    hint = "" if project is not None else "; cd into the project or pass --project DIR"
+    raise StageError(f"project {str(path)!r}: not a project directory (no dvc.yaml and params.yaml there){hint}")
 
 
 def subprocess_env(tracking_uri: str | None = None) -> dict[str, str]:
@@ -136,6 +132,14 @@ def flow_lock(project: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def restore_file(path: Path, content: bytes) -> None:
+    """Put ``content`` back into ``path`` (atomically) if it differs."""
+    if path.read_bytes() != content:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
 
 
 def parse_overrides(overrides: Overrides) -> dict[str, Any]:
@@ -284,6 +288,11 @@ def stage_order(project: Path, scales: tuple[str, ...]) -> list[str]:
 
     The graph is DVC's own (so a stage added to ``dvc.yaml`` is run too); ties are broken by the study's order.
     """
+    return stage_graph(project, scales)[0]
+
+
+def _dvc_graph(project: Path):
+    """DVC's stage graph as a networkx DiGraph with edges from a stage to the stages that depend on it."""
     import networkx as nx
     from dvc.repo import Repo
 
@@ -292,6 +301,14 @@ def stage_order(project: Path, scales: tuple[str, ...]) -> list[str]:
         names = {stage: stage.name for stage in graph.nodes}
         deps = nx.DiGraph([(names[b], names[a]) for a, b in graph.edges])
         deps.add_nodes_from(names.values())
+    return deps
+
+
+def stage_graph(project: Path, scales: tuple[str, ...]) -> tuple[list[str], dict[str, list[str]]]:
+    """:func:`stage_order`, and each stage's direct upstream stages in DVC's graph (what the Prefect graph draws)."""
+    import networkx as nx
+
+    deps = _dvc_graph(project)
     known = [*SHARED_STAGES, *SCALE_STAGES, *FINAL_STAGES]
     missing = [f"{s}@{x}" for x in scales for s in SCALE_STAGES if f"{s}@{x}" not in deps]
     if missing:
@@ -305,7 +322,8 @@ def stage_order(project: Path, scales: tuple[str, ...]) -> list[str]:
 
     order = list(nx.lexicographical_topological_sort(deps, key=key))
     # Per-scale stages of scales that are not requested (a stale foreach) are left alone.
-    return [n for n in order if "@" not in n or n.partition("@")[2] in scales]
+    order = [n for n in order if "@" not in n or n.partition("@")[2] in scales]
+    return order, {n: sorted(u for u in deps.predecessors(n) if u in order) for n in order}
 
 
 def task_name(stage: str) -> str:
@@ -391,12 +409,28 @@ def failure_message(lines: list[str], returncode: int) -> str:
     return lines[-1] if lines else f"exited with {returncode}"
 
 
+# DVC's lines that say nothing the flow does not say better: its push hint (shown only with a remote), its repeat of
+# the stage's error, and its support link.
+NOISE = re.compile(r"^Use `dvc push` to send your updates|^ERROR: failed to reproduce|^Having any troubles\?")
+PUSH_HINT = re.compile(r"^Use `dvc push` to send your updates")
+
+
+def has_remote(project: Path) -> bool:
+    """Whether the project has a default DVC remote (``core.remote``)."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        return bool(repo.config.get("core", {}).get("remote"))
+
+
 def repro_stage(project: Path, stage: str, *, log: Callable[[str], None], env: dict[str, str],
-                pull: bool = False, force: bool = False) -> StageResult:
+                pull: bool = False, force: bool = False, remote: bool = False) -> StageResult:
     """``dvc repro --single-item <stage>`` in ``project``; raise :class:`StageFailed` with the stage's error line.
 
     ``--single-item`` makes DVC look at this stage only: the flow has already brought its upstream stages up to
     date, in dependency order. DVC still decides whether the stage runs, is restored from the run cache or is skipped.
+    The stage's ``error:`` line becomes the exception's message and is not logged as well (shown once); DVC's push
+    hint is logged only when the project has a ``remote``.
     """
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     if pull:
@@ -404,7 +438,13 @@ def repro_stage(project: Path, stage: str, *, log: Callable[[str], None], env: d
     if force:
         cmd.append("--force")
     start = time.perf_counter()
-    returncode, lines = stream(cmd, project, env, log)
+
+    def shown(line: str) -> None:
+        if line.startswith("error: ") or (NOISE.search(line) and not (remote and PUSH_HINT.search(line))):
+            return
+        log(line)
+
+    returncode, lines = stream(cmd, project, env, shown)
     if returncode != 0:
         text = "\n".join(lines)
         raise StageFailed(stage, failure_message(lines, returncode), returncode=returncode,

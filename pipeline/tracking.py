@@ -1,21 +1,28 @@
-"""The MLflow record of a reproduction, written from the DVC-tracked files after the stages ran.
+"""The MLflow record of a reproduction, written while it runs and completed from the DVC-tracked files.
 
-Layout: one experiment per profile (``scm-<profile>``); a parent run per reproduction (or per sweep, with one run per
-sweep point under it); a child run per scale holding
+Layout: one experiment per profile (``scm-<profile>``); a parent run per reproduction named
+``<profile>-<short commit>-<time>`` (or per sweep, with one run per sweep point under it); a child run per scale,
+opened when that scale's first stage starts and closed after its last, so both carry real start and end times. A
+child holds
 
 - params: the scale, its parameter count, the NFE of each sampler and every resolved hyperparameter
-  (``params.yaml`` for this profile, flattened: ``teacher.lr``, ``distill.steps``, ...);
-- metrics: the training curves (``plots/<scale>/{teacher,distill}_history.csv`` as ``teacher/loss``,
-  ``distill/g_norm``, ... with ``step`` = the CSV's step), the evaluation (``metrics/<scale>/evaluate.json``:
-  ``fid_clf_scm2``, ``kid_*``, ``precision_*``, ``sec_per_image_*``, ``speedup_*``) and the stage summaries
-  (``teacher_final_loss``, ``distill_train_seconds``, ...);
-- artifacts: the sample grids, the resolved configuration, the report and the student weights, registered in the
-  model registry as ``scm-<profile>-<scale>-student``;
-- tags: the git commit, the DVC stages and the md5 of their outputs (from ``dvc.lock``), ``DVC_EXP_NAME`` when set.
+  (``teacher.lr``, ``distill.steps``, ...): configuration is params only, never metrics;
+- metrics, namespaced: ``train/<stage>/<column>`` (the training curves, one point per logged step with the time it
+  was logged), ``eval/<metric>/<sampler>`` (``eval/fid_clf/2step``, ``eval/ratio_clf/1step``), ``speed/...``
+  (seconds per image, speedups), ``time/<stage>_s`` and ``memory/<stage>_peak_mib`` (per stage, from the stage's own
+  report), ``live/<stage>/...`` (the progress bar's values while the flow runs a stage) and MLflow's system metrics;
+- inputs: the prepared dataset and its latents, with the content hash DVC recorded as the digest;
+- artifacts: the sample grids, the resolved configuration, the report and the student, logged as an MLflow model
+  (``student/``, see :func:`log_student`) and registered as ``scm-<profile>-<scale>-student`` with the alias
+  ``latest`` (smoke runs are not registered);
+- tags: the git commit, source, user, the DVC stages and the md5 of their outputs (from ``dvc.lock``), the
+  Prefect flow run, ``DVC_EXP_NAME`` when set.
 
-Everything goes through :class:`mlflow.MlflowClient` with explicit run ids: the active run of the fluent API is
-thread-local (mlflow/mlflow#13456), and the flows log from task threads. Because the record is read from files that
-DVC tracks, it exists for every reproduction, also when DVC skipped a stage or restored it from its run cache.
+The parent carries the headline numbers of every scale (``<scale>/eval/fid_clf/2step``, ...) and a description
+with the profile, the overrides and the Prefect run. Everything goes through :class:`mlflow.MlflowClient` with
+explicit run ids: the active run of the fluent API is thread-local (mlflow/mlflow#13456), and the flows log from task
+threads. Because the numbers are read from files that DVC tracks, the record is complete also when DVC skipped a
+stage or restored it from its run cache (``python -m pipeline record`` writes it after a plain ``dvc repro``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import csv
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -89,8 +97,9 @@ def experiment_id(uri: str, name: str, project: Path) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    try:
-        return c.create_experiment(name, artifact_location=artifact_location(uri, project))
+    try:  # experimentKind: the UI opens on the runs table, not MLflow 3's GenAI traces page
+        return c.create_experiment(name, artifact_location=artifact_location(uri, project),
+                                   tags={"mlflow.experimentKind": "custom_model_development"})
     except MlflowException:  # created meanwhile by another process
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -114,8 +123,15 @@ class Record:
 
 def lineage_tags(project: Path) -> dict[str, str]:
     """Git commit, DVC experiment name (``DVC_EXP_NAME`` when set), the Prefect flow run."""
+    import getpass
+
     commit = git_commit(project)
-    tags = {"git.commit": commit, "mlflow.source.git.commit": commit.removesuffix("-dirty")}
+    tags = {"git.commit": commit, "mlflow.source.git.commit": commit.removesuffix("-dirty"),
+            "mlflow.source.name": str(Path(project).resolve()), "mlflow.source.type": "PROJECT"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # no user name in this environment (a container without /etc/passwd entry)
+        pass
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     try:
@@ -124,21 +140,39 @@ def lineage_tags(project: Path) -> dict[str, str]:
         if flow_run.id:
             tags["prefect.flow_run_id"] = str(flow_run.id)
             tags["prefect.flow_run_name"] = str(flow_run.name)
+            if flow_run.ui_url:
+                tags["prefect.flow_run_url"] = str(flow_run.ui_url)
     except Exception:  # outside a flow run
         pass
     return tags
 
 
+def parent_name(profile: str, project: Path, label: str | None = None) -> str:
+    """``<profile>-<short commit>-<YYYYmmdd-HHMMSS>`` (a sweep point: its label instead of the profile)."""
+    commit = git_commit(project)
+    short = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "") if commit != "unknown" else "nogit"
+    return f"{slug(label) if label else profile}-{short}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def open_parent(uri: str, project: Path, profile: str, *, run_name: str, params: dict[str, Any], tags: dict[str, str],
-                parent_run_id: str | None = None) -> Record:
+                parent_run_id: str | None = None, description: str = "") -> Record:
     """Create the parent run of a reproduction (nested under ``parent_run_id`` for a sweep point)."""
     exp = experiment_id(uri, experiment_name(profile), project)
     tags = {**lineage_tags(project), **tags}
+    if description:
+        tags["mlflow.note.content"] = description
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client(uri).create_run(exp, run_name=run_name, tags=tags)
     log_params(uri, run.info.run_id, params)
     return Record(uri, exp, run.info.run_id, profile)
+
+
+def run_url(record: Record, run_id: str | None = None) -> str | None:
+    """The run's page in the MLflow UI of an HTTP tracking server; None for a local store (no server to link to)."""
+    if not record.uri.startswith(("http://", "https://")):
+        return None
+    return f"{record.uri.rstrip('/')}/#/experiments/{record.experiment_id}/runs/{run_id or record.run_id}"
 
 
 def close(record: Record, status: str) -> None:
@@ -162,11 +196,13 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         client(uri).log_batch(run_id, params=items[i:i + 100])
 
 
-def log_metrics(uri: str, run_id: str, rows: list[tuple[str, float, int]]) -> None:
+def log_metrics(uri: str, run_id: str, rows: list[tuple[str, float, int] | tuple[str, float, int, float]]) -> None:
+    """``(key, value, step[, unix seconds])`` rows in batches; a row without a time is logged as now."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, int(step)) for k, v, step in rows if math.isfinite(float(v))]
+    now = time.time()
+    items = [Metric(row[0], float(row[1]), int(1000 * (row[3] if len(row) > 3 else now)), int(row[2]))
+             for row in rows if math.isfinite(float(row[1]))]
     for i in range(0, len(items), 1000):  # and 1000 metrics
         client(uri).log_batch(run_id, metrics=items[i:i + 1000])
 
@@ -202,7 +238,8 @@ def scale_params(project: Path, scale: str, profile: str) -> dict[str, Any]:
     resolved: dict[str, Any] = {"profile": profile}
     files = [project / output / layout.RESOLVED for output in
              (layout.PREPARED, layout.LATENTS, layout.CLASSIFIER,
-              *(layout.stage_dir(scale, stage) for stage in ("teacher", "distill", "samples")), layout.REPORTS)]
+              *(layout.stage_dir(scale, stage) for stage in ("teacher", "distill", "samples")),
+              layout.reports_dir(profile))]
     for path in [*files, project / layout.evaluation_file(scale)]:
         if not path.is_file():
             raise StageError(f"{path}: not found (the stage that writes it did not run)")
@@ -229,12 +266,148 @@ def dvc_lock_md5(project: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# One scale.
+# Metric names.
+
+SAMPLER = {"teacher": "teacher", "scm1": "1step", "scm2": "2step", "recon": "recon"}
+_PER_SAMPLER = re.compile(r"^(?P<name>.+?)_(?P<sampler>teacher|scm1|scm2|recon)(?P<rest>_.+)?$")
+_NOT_METRICS = {"scale", "n_samples", "seed_sets", "headline", "batch_size", "method", "source", "n_params",
+                "resumed_from_step", "final_r"}  # identities and configuration: params or tags
+SPEED = ("sec_per_image", "images_per_s", "speedup")
 
 
-def log_scale(record: Record, project: Path, scale: str, resolved: dict[str, Any], *,
-              stages: list[str], register: bool = True, extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """A child run for ``scale`` under ``record``'s parent, from the files the stages left; returns its summary."""
+def metric_name(key: str) -> str | None:
+    """A key of ``metrics/<scale>/evaluate.json`` as an MLflow metric name; None for what is not a metric.
+
+    ``fid_clf_scm2`` -> ``eval/fid_clf/2step``; ``fid_clf_scm2_std`` -> ``eval/fid_clf_std/2step``;
+    ``fid_clf2_ratio_scm1`` -> ``eval/ratio_clf2/1step``; ``sec_per_image_teacher`` -> ``speed/sec_per_image/teacher``;
+    ``speedup_scm2_fraction_of_nfe_ratio`` -> ``speed/speedup_of_nfe_ratio/2step``; ``clf_accuracy`` ->
+    ``eval/clf_accuracy``; ``wall_seconds`` -> ``time/evaluate_s``; ``nfe_*`` are params.
+    """
+    if key in _NOT_METRICS or key.startswith("nfe_") or key.endswith("_status"):
+        return None
+    if key == "wall_seconds":
+        return "time/evaluate_s"
+    if key == "decoder_sec_per_image":
+        return "speed/sec_per_image/decoder"
+    m = _PER_SAMPLER.match(key)
+    if not m:
+        return f"eval/{key}"
+    name, sampler, rest = m["name"], SAMPLER[m["sampler"]], m["rest"] or ""
+    if name.endswith("_ratio"):  # fid_clf_ratio_scm2: the ratio in the space of fid_clf
+        space = name[: -len("_ratio")].removeprefix("fid_").removeprefix("fd_")
+        return f"eval/ratio_{space}/{sampler}"
+    if name in SPEED:
+        return f"speed/{name}{'_of_nfe_ratio' if rest == '_fraction_of_nfe_ratio' else rest}/{sampler}"
+    return f"eval/{name}{rest}/{sampler}"
+
+
+def evaluation_rows(evaluation: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """The evaluation's numbers as ``(name, value, 0)`` rows under :func:`metric_name`'s names."""
+    return [(name, v, 0) for k, v in numbers(evaluation).items() if (name := metric_name(k))]
+
+
+def stage_rows(stage: str, summary: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """A training stage's summary (``metrics/<scale>/<stage>.json``): losses under ``train/``, times under ``time/``."""
+    rows = []
+    for k, v in numbers(summary).items():
+        if k in _NOT_METRICS:
+            continue
+        if k.endswith("_seconds"):
+            rows.append((f"time/{stage}_{k.removesuffix('_seconds')}_s", v, 0))
+        else:
+            rows.append((f"train/{stage}/{k}", v, 0))
+    return rows
+
+
+def curve_rows(stage: str, history: list[dict[str, float]]) -> list[tuple[str, float, int, float]]:
+    """A training curve as ``(train/<stage>/<column>, value, step, time)``: every logged step at the time it was logged."""
+    rows = []
+    for row in history:
+        step, when = int(row.get("step", 0)), row.get("time")
+        for k, v in row.items():
+            if k not in ("step", "time"):
+                rows.append((f"train/{stage}/{k}", v, step, *((when,) if when else ())))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One scale: a child run opened before its first stage, completed after its last.
+
+_monitors: dict[str, Any] = {}  # run id -> MLflow's system-metrics monitor while the run is open
+_monitors_lock = threading.Lock()
+
+
+def open_scale(record: Record, project: Path, scale: str, *, extra_tags: dict[str, str] | None = None,
+               system_metrics: bool = True, start_time: float | None = None) -> str:
+    """The child run of ``scale`` under ``record``'s parent, started now (with system metrics) or at ``start_time``
+    (Unix seconds, for a record written afterwards); its run id."""
+    tags = {**lineage_tags(project), "mlflow.parentRunId": record.run_id, "scm.scale": scale,
+            "scm.profile": record.profile, **(extra_tags or {})}
+    start_ms = int(1000 * start_time) if start_time else None
+    run_id = client(record.uri).create_run(record.experiment_id, run_name=scale, tags=tags, start_time=start_ms).info.run_id
+    if system_metrics:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1,
+                                           tracking_uri=record.uri)
+            monitor.start()
+            with _monitors_lock:
+                _monitors[run_id] = monitor
+        except Exception:  # psutil missing or the monitor refused: the record goes on without system metrics
+            pass
+    return run_id
+
+
+def close_scale(record: Record, run_id: str, status: str, end_time: float | None = None) -> None:
+    """Stop the run's system metrics and end it now (or at ``end_time``, Unix seconds)."""
+    with _monitors_lock:
+        monitor = _monitors.pop(run_id, None)
+    if monitor is not None:
+        monitor.finish()
+    client(record.uri).set_terminated(run_id, status, end_time=int(1000 * end_time) if end_time else None)
+
+
+def log_stage(record: Record, run_id: str, stage: str, *, seconds: float, peak_mib: float | None, outcome: str) -> None:
+    """What the flow measured of one stage: its wall time, the stage's own peak memory, and what DVC did."""
+    name = stage.partition("@")[0]
+    rows = [(f"time/{name}_s", seconds, 0)]
+    if peak_mib is not None:
+        rows.append((f"memory/{name}_peak_mib", peak_mib, 0))
+    log_metrics(record.uri, run_id, rows)
+    client(record.uri).set_tag(run_id, f"dvc.outcome.{name}", outcome)
+
+
+def log_live(record: Record, run_id: str, stage: str, values: dict[str, float], step: int) -> None:
+    """The progress bar's values of a running stage (``live/<stage>/<name>``) at the bar's step, timestamped now."""
+    name = stage.partition("@")[0]
+    log_metrics(record.uri, run_id, [(f"live/{name}/{k}", v, step) for k, v in values.items()])
+
+
+def log_inputs(record: Record, run_id: str, project: Path, resolved: dict[str, Any]) -> None:
+    """The prepared images and their latents as MLflow dataset inputs, digest = DVC's md5 of each (``dvc.lock``)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    md5 = dvc_lock_md5(project)
+    source = (resolved.get("data") or {}).get("source", "data")
+    inputs = []
+    for stage, path, name, context in (("data", layout.PREPARED, f"{source} (prepared images)", "training"),
+                                       ("encode", layout.LATENTS, f"{source} (latents)", "training")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # several sources claim a local path; all are the same to us
+            src = resolve_dataset_source((Path(project).resolve() / path).as_uri())
+        dataset = MetaDataset(src, name=name, digest=(md5.get(stage) or "unknown")[:36])
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    client(record.uri).log_inputs(run_id, datasets=inputs)
+
+
+def log_scale(record: Record, project: Path, scale: str, resolved: dict[str, Any], *, run_id: str,
+              stages: list[str], register: bool = True, end_time: float | None = None) -> dict[str, Any]:
+    """Complete ``scale``'s child run ``run_id`` from the files its stages left, end it; return its summary."""
     c = client(record.uri)
     stage_metrics = {}
     for stage in ("teacher", "distill", "evaluate"):
@@ -248,31 +421,29 @@ def log_scale(record: Record, project: Path, scale: str, resolved: dict[str, Any
     evaluation = stage_metrics["evaluate"]
     md5 = dvc_lock_md5(project)
     scale_stages = [s for s in stages if s.endswith(f"@{scale}")]
-    tags = {**lineage_tags(project), "mlflow.parentRunId": record.run_id, "scm.scale": scale,
-            "scm.profile": record.profile, "dvc.stages": ",".join(scale_stages), **(extra_tags or {})}
+    tags = {"dvc.stages": ",".join(scale_stages)}
     for s in scale_stages:
         if s in md5:
             tags[f"dvc.md5.{s.partition('@')[0]}"] = md5[s]
-    run_id = c.create_run(record.experiment_id, run_name=scale, tags=tags).info.run_id
     try:
+        for k, v in tags.items():
+            c.set_tag(run_id, k, v)
         # Params: what this scale is, and every resolved hyperparameter.
         params = {"scale": scale, "n_params": stage_metrics["teacher"]["n_params"],
                   **{k: evaluation[k] for k in map(layout.nfe, layout.METHODS) if k in evaluation},
                   **flatten(resolved)}
         log_params(record.uri, run_id, params)
+        log_inputs(record, run_id, project, resolved)
 
-        # Metrics: training curves per step, the evaluation, the stage summaries.
-        rows: list[tuple[str, float, int]] = []
+        # Metrics: training curves per step (at the times they were logged), the evaluation, the stage summaries.
+        rows: list[tuple] = []
         for stage in ("teacher", "distill"):
-            for row in read_history(project / layout.history_file(scale, stage)):
-                step = int(row.get("step", 0))
-                rows += [(f"{stage}/{k}", v, step) for k, v in row.items() if k != "step"]
-        rows += [(k, v, 0) for k, v in numbers(evaluation).items()]
-        for stage in ("teacher", "distill"):
-            rows += [(f"{stage}_{k}", v, 0) for k, v in numbers(stage_metrics[stage]).items()]
+            rows += curve_rows(stage, read_history(project / layout.history_file(scale, stage)))
+            rows += stage_rows(stage, stage_metrics[stage])
+        rows += evaluation_rows(evaluation)
         log_metrics(record.uri, run_id, rows)
 
-        # Artifacts: sample grids, configuration, report, student weights.
+        # Artifacts: sample grids, configuration, report, the student as an MLflow model.
         for grid in sorted((project / layout.stage_dir(scale, "samples")).glob(layout.grid_file("*"))):
             c.log_artifact(run_id, str(grid), "samples")
         with tempfile.TemporaryDirectory() as tmp:
@@ -285,20 +456,95 @@ def log_scale(record: Record, project: Path, scale: str, resolved: dict[str, Any
                 c.log_artifact(run_id, str(prov), f"config/{stage}")
         for path in sorted((project / layout.metrics_file(scale, "*")).parent.glob("*.json")):
             c.log_artifact(run_id, str(path), "metrics")
-        if (project / layout.REPORTS / layout.REPORT).is_file():
-            c.log_artifact(run_id, str(project / layout.REPORTS / layout.REPORT), "report")
-        student = project / layout.stage_dir(scale, "distill") / MODEL_FILE
-        c.log_artifact(run_id, str(student), "student")
+        report = project / layout.reports_dir(record.profile) / layout.REPORT
+        if report.is_file():
+            c.log_artifact(run_id, str(report), "report")
+        log_student(record, run_id, project, scale)
         summary = {"scale": scale, "run_id": run_id, "n_params": params["n_params"],
                    **{k: evaluation.get(k) for k in layout.HEADLINE}}
         if register:
             summary["model_version"] = register_student(record, run_id, scale, evaluation,
                                                          md5.get(f"distill@{scale}", ""))
     except BaseException:
-        c.set_terminated(run_id, "FAILED")
+        close_scale(record, run_id, "FAILED", end_time)
         raise
-    c.set_terminated(run_id, "FINISHED")
+    close_scale(record, run_id, "FINISHED", end_time)
     return summary
+
+
+def stage_times(project: Path, scale: str) -> tuple[float | None, float | None]:
+    """When ``scale``'s stages ran, from their files: the first logged teacher step (or the teacher's output) and
+    the evaluation's metrics file (Unix seconds; None where a file is missing)."""
+    first = next((row["time"] for row in read_history(project / layout.history_file(scale, "teacher")) if "time" in row), None)
+    teacher = project / layout.stage_dir(scale, "teacher") / layout.PROVENANCE
+    if first is None and teacher.is_file():
+        first = teacher.stat().st_mtime - float(json.loads(teacher.read_text()).get("seconds", {}).get("train", 0.0))
+    evaluation = project / layout.metrics_file(scale, "evaluate")
+    return first, (evaluation.stat().st_mtime if evaluation.is_file() else None)
+
+
+def record_outputs(project: Path, uri: str, profile: str, scales: tuple[str, ...], stages: list[str], *,
+                   register: bool) -> tuple[Record, list[dict[str, Any]]]:
+    """The record of a finished ``dvc repro`` (outputs already on disk), written afterwards: a parent run, one
+    child per scale with the times its stages ran, the headline numbers on the parent."""
+    record = open_parent(uri, project, profile, run_name=parent_name(profile, project),
+                         params={"profile": profile, "scales": list(scales), "overrides": "none"},
+                         tags={"scm.kind": "record", "scm.project": str(project)},
+                         description=f"Record of the outputs of a `dvc repro` (profile `{profile}`, scales "
+                                     f"{', '.join(scales)}), written afterwards by `python -m pipeline record`.")
+    summaries = []
+    try:
+        for scale in scales:
+            start, end = stage_times(project, scale)
+            run_id = open_scale(record, project, scale, system_metrics=False, start_time=start)
+            summaries.append(log_scale(record, project, scale, scale_params(project, scale, profile), run_id=run_id,
+                                       stages=stages, register=register, end_time=end))
+        log_headline(record, summaries)
+        log_figure(record, scaling_figure(scaling_table(uri, record.experiment_id,
+                                                        f"tags.mlflow.parentRunId = '{record.run_id}'")),
+                   "scaling/fid_vs_params.png")
+    except BaseException:
+        close(record, "FAILED")
+        raise
+    close(record, "FINISHED")
+    return record, summaries
+
+
+def log_headline(record: Record, summaries: list[dict[str, Any]]) -> None:
+    """Every scale's headline numbers on the parent run: ``<scale>/eval/fid_clf/2step``, ..."""
+    rows = [(f"{s['scale']}/{name}", v, 0) for s in summaries for k, v in s.items()
+            if k in layout.HEADLINE and isinstance(v, (int, float)) and (name := metric_name(k))]
+    log_metrics(record.uri, record.run_id, rows)
+
+
+STUDENT_ALIAS = "current"  # models:/<name>@current: the newest registered student of a profile and scale
+
+
+def log_student(record: Record, run_id: str, project: Path, scale: str) -> None:
+    """The student as an MLflow pyfunc model under the run's ``student/``: seeds in, uint8 images out, with a
+    signature and an input example (``study/mlflow_student.py``); inside, the project's model file and the student
+    exported as a diffusers pipeline, safetensors only."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from study.export import export_pipeline
+
+    student = project / layout.stage_dir(scale, "distill")
+    with tempfile.TemporaryDirectory(prefix="scm-mlflow-model-") as tmp:
+        index = export_pipeline(student, project / layout.LATENTS, Path(tmp) / "pipeline")
+        c, h, w = index["image_shape"]
+        signature = ModelSignature(inputs=Schema([ColSpec("long", "seed")]),
+                                   outputs=Schema([TensorSpec(np.dtype("uint8"), (-1, h, w, c))]),
+                                   params=ParamSchema([ParamSpec("num_inference_steps", "long", 2)]))
+        code = Path(__file__).resolve().parent.parent / "study" / "mlflow_student.py"
+        mlflow.pyfunc.save_model(Path(tmp) / "student", python_model=str(code), signature=signature,
+                                 input_example=pd.DataFrame({"seed": [0, 1]}),  # the first two images
+                                 artifacts={"pipeline": str(Path(tmp) / "pipeline"), "student": str(student / MODEL_FILE)},
+                                 pip_requirements=[f"mlflow=={mlflow.__version__}"])
+        client(record.uri).log_artifacts(run_id, str(Path(tmp) / "student"), "student")
 
 
 def model_name(profile: str, scale: str) -> str:
@@ -306,11 +552,10 @@ def model_name(profile: str, scale: str) -> str:
 
 
 def register_student(record: Record, run_id: str, scale: str, evaluation: dict[str, Any], md5: str) -> str:
-    """Register the child run's ``student/`` artifact directory as a version of ``scm-<profile>-<scale>-student``.
-
-    A plain directory (``model.safetensors``, no MLflow flavour) registered with ``create_model_version`` from a
-    ``runs:/`` URI; ``models:/<name>/<version>`` then downloads it (``study/fetch.py``, ``teacher.source``).
-    When the newest version already holds these exact weights (same DVC md5), it is reused.
+    """Register the child run's ``student/`` MLflow model as a version of ``scm-<profile>-<scale>-student``, with the
+    alias ``current``; ``models:/<name>@current`` then loads it in MLflow or downloads its ``model.safetensors``
+    (``study/fetch.py``: ``teacher.source``, ``generate``). When the newest version already holds these exact
+    weights (same DVC md5), it is reused.
     """
     from mlflow.exceptions import MlflowException
 
@@ -335,6 +580,7 @@ def register_student(record: Record, run_id: str, scale: str, evaluation: dict[s
     description = (f"sCM student, scale {scale}: fid_clf 1-step {fid('fid_clf_scm1')}, 2-step {fid('fid_clf_scm2')} "
                    f"(teacher {fid('fid_clf_teacher')} at NFE {evaluation.get('nfe_teacher', 'n/a')})")
     mv = c.create_model_version(name, source=f"runs:/{run_id}/student", run_id=run_id, tags=tags, description=description)
+    c.set_registered_model_alias(name, STUDENT_ALIAS, mv.version)
     c.set_tag(run_id, "scm.model_version", f"{name}/{mv.version}")
     return str(mv.version)
 
@@ -385,8 +631,8 @@ def scaling_table(uri: str, experiment_id: str, filter_string: str, extra_params
         column = runs.get(f"params.{key}")
         if column is not None:
             table[key] = column.map(lambda v: yaml.safe_load(v) if isinstance(v, str) else v)
-    for key in TABLE_METRICS:
-        table[key] = runs.get(f"metrics.{key}")
+    for key in TABLE_METRICS:  # columns keep the evaluate stage's names (fid_clf_scm2); MLflow's are namespaced
+        table[key] = runs.get(f"metrics.{metric_name(key)}")
     table["run_id"] = runs["run_id"]
     if "tags.scm.point" in runs:
         table.insert(0, "point", runs["tags.scm.point"])

@@ -1,8 +1,9 @@
 """Evaluate stage (per scale): sample quality through torch-fidelity, and sampling speed.
 
 Consumes the scale's samples, the held-out eval split (the reference), the classifier (the ``clf`` feature space)
-and the models (for timing). Produces ``metrics/<scale>/evaluate.json`` (flat, for ``dvc metrics``) and
-``artifacts/<scale>/evaluation.json`` (every number per seed set, the spread, and the protocol).
+and the models (for timing). Produces ``metrics/<scale>/headline.json`` (the few numbers ``dvc metrics show``
+lists), ``metrics/<scale>/evaluate.json`` (every headline number, flat) and ``artifacts/<scale>/evaluation.json``
+(every number per seed set, the spread, and the protocol).
 
 Protocol: for each method (teacher ODE at its default NFE, sCM 1-step, sCM 2-step, and the autoencoder's
 reconstructions of the eval split = the rFID floor) and each of ``sample.seed_sets`` sets of ``sample.num_samples``
@@ -129,10 +130,29 @@ def headline_metrics(summary: dict[str, dict[str, Any]], spaces: list[str], head
     return flat
 
 
+def headline(flat: dict[str, Any], spaces: list[str]) -> dict[str, dict[str, float]]:
+    """``metrics/<scale>/headline.json``, the one DVC metric of a scale: Fréchet distance per sampler and feature
+    space, each student's ratio to the teacher, the speedups and the classifiers' held-out accuracy, to 4 significant
+    digits (``dvc metrics show``; every other number stays in ``metrics/<scale>/evaluate.json``)."""
+    def pick(key: str) -> float | None:
+        value = flat.get(key)
+        return float(f"{value:.4g}") if isinstance(value, (int, float)) else None
+
+    out: dict[str, dict[str, float]] = {}
+    for space in spaces:
+        fd = layout.fd(space)
+        out[fd] = {m: pick(layout.metric(fd, m)) for m in layout.METHODS}
+        out[f"ratio_{space}"] = {m: pick(layout.ratio(m, space)) for m in layout.STUDENTS}
+    out["speedup"] = {m: pick(layout.speedup(m)) for m in layout.STUDENTS}
+    out["accuracy"] = {"clf": pick("clf_accuracy"), "clf2": pick("clf2_accuracy")}
+    return {group: {k: v for k, v in values.items() if v is not None} for group, values in out.items()
+            if any(v is not None for v in values.values())}
+
+
 def run(params: EvaluateParams, sample_params: SampleParams, base: BaseParams, scale: str, *,
         prepared_dir: Path, latents_dir: Path, teacher_dir: Path, student_dir: Path, samples_dir: Path,
         classifier_dir: Path, metrics_path: Path, details_path: Path, cache_dir: Path, device: str = "cpu",
-        progress: bool = True) -> dict[str, Any]:
+        headline_path: Path | None = None, progress: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     reference, reference_text = reference_images(prepared_dir, params.reference)
     held_out, _ = load_split(prepared_dir, "eval")
@@ -193,6 +213,8 @@ def run(params: EvaluateParams, sample_params: SampleParams, base: BaseParams, s
                               "params": {"base": to_plain(base), "sample": to_plain(sample_params),
                                          "evaluate": to_plain(params)}})
     write_json(metrics_path, flat)
+    if headline_path is not None:
+        write_json(headline_path, headline(flat, [space.name for space in spaces]))
     return flat
 
 
@@ -207,18 +229,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--student", type=Path, required=True)
     parser.add_argument("--samples", type=Path, required=True)
     parser.add_argument("--classifier", type=Path, default=Path(layout.CLASSIFIER))
-    parser.add_argument("--metrics", type=Path, required=True, help="flat metrics JSON (dvc metrics)")
-    parser.add_argument("--details", type=Path, required=True, help="full evaluation JSON")
+    parser.add_argument("--metrics", type=Path, required=True, help="every headline number, flat JSON")
+    parser.add_argument("--details", type=Path, required=True, help="full evaluation JSON (per seed set, protocol)")
+    parser.add_argument("--headline", type=Path, default=None, help="the few numbers dvc metrics show lists (JSON)")
     parser.add_argument("--cache", type=Path, default=Path(".cache/fidelity"), help="cache of the reference images' features (safetensors)")
     args = parser.parse_args(argv)
     p = load_args(args)
     check_paths(inputs={"--data": args.data, "--latents": args.latents, "--teacher": args.teacher, "--student": args.student,
                  "--samples": args.samples, "--classifier": args.classifier},
-                outputs={"--metrics": args.metrics, "--details": args.details, "--cache": args.cache})
+                outputs={"--metrics": args.metrics, "--details": args.details, "--headline": args.headline,
+                         "--cache": args.cache})
     device = setup_torch(p.base)
     m = run(p.evaluate, p.sample, p.base, args.scale, prepared_dir=args.data, latents_dir=args.latents,
             teacher_dir=args.teacher, student_dir=args.student, samples_dir=args.samples, classifier_dir=args.classifier,
-            metrics_path=args.metrics, details_path=args.details, cache_dir=args.cache, device=device)
+            metrics_path=args.metrics, details_path=args.details, cache_dir=args.cache, device=device,
+            headline_path=args.headline)
     ratios = "; ".join(f"{space} {m[layout.ratio('scm1', space)]:.2f}/{m[layout.ratio('scm2', space)]:.2f}"
                        for space in layout.FEATURE_SPACES if layout.ratio("scm2", space) in m)
     print(f"evaluate-{args.scale}: fid_clf teacher {m['fid_clf_teacher']:.3f}, scm1 {m['fid_clf_scm1']:.3f}, "

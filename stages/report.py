@@ -1,10 +1,11 @@
-"""Report stage: every scale's numbers in one place, under ``reports/``.
+"""Report stage: every scale's numbers in one place, under ``reports/<profile>/``.
 
 Consumes ``metrics/<scale>/{teacher,distill,evaluate}.json``, ``plots/<scale>/*_history.csv`` and the sample grids.
-Produces ``reports/summary.json`` (one entry per scale), ``reports/report.md``, ``reports/fid_vs_params.png`` (the
-paper's scaling figure at our scale: FID against parameter count for the teacher and sCM), ``reports/loss_curves.png``
-and ``reports/samples_<scale>.png`` (real | teacher | sCM 1-step | sCM 2-step grids side by side, labelled with the
-NFE and fid_clf; the real panel when the prepared data is given).
+Produces, in ``reports/<profile>/`` (only ``reports/default`` is committed): ``summary.json`` (one entry per scale),
+``report.md``, ``fid_vs_params.png`` (the paper's scaling figure at our scale: FID against parameter count for the
+teacher and sCM, and every ratio), ``loss_curves.png`` (with the tangent warm-up's r), ``samples/<scale>.png`` (real |
+teacher | sCM 1-step | sCM 2-step grids side by side, labelled with the NFE and fid_clf; the real panel when the
+prepared data is given) and ``curves/*.csv`` (the tables ``dvc plots show`` draws).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from study import layout
 from study.cli import add_params_args, cli, load_args
 from study.errors import StageError
-from study.files import atomic_output_dir, check_paths, write_json, write_provenance
+from study.files import atomic_output_dir, check_paths, git_commit, write_json, write_provenance
 from study.images import class_interleaved, decode_split, save_grid
 from study.params import BaseParams, ReportParams, to_plain
 
@@ -135,7 +136,14 @@ def plot_losses(histories: dict[str, dict[str, list[dict[str, float]]]], path: P
         ax.set_xlabel("thousands of images")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left")
+        warmup = next(([r for r in h[stage] if "r" in r] for h in histories.values() if stage == "distill"), [])
+        if warmup:  # the loss grows with the tangent warm-up's r (paper §4.2): not a divergence
+            ax_r = ax.twinx()
+            ax_r.plot([r["kimg"] for r in warmup], [r["r"] for r in warmup], color="gray", linestyle=":", label="r")
+            ax_r.set_ylim(0, 1.05)
+            ax_r.set_ylabel("tangent warm-up r (dotted)")
+            ax_r.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -143,6 +151,25 @@ def plot_losses(histories: dict[str, dict[str, list[dict[str, float]]]], path: P
 
 PANEL_LABELS = {"teacher": "teacher", "scm1": "sCM 1-step", "scm2": "sCM 2-step"}
 GRID_PAD = 2  # the sample stage's grids: save_grid's default padding
+
+
+def write_curves(histories: dict[str, dict[str, list[dict[str, float]]]], entries: list[dict[str, Any]], out: Path) -> None:
+    """``curves/{teacher,distill}.csv`` (every scale's training curve in one long table, a ``scale`` column) and
+    ``curves/scaling.csv`` (fid_clf per method against parameters): what ``dvc.yaml``'s top-level plots overlay."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stage, columns in (("teacher", ("kimg", "mse")), ("distill", ("kimg", "mse", "r"))):
+        with open(out / f"{stage}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(("scale", *columns))
+            for scale, h in histories.items():
+                for row in h[stage]:
+                    if all(c in row for c in columns):
+                        writer.writerow((scale, *(f"{row[c]:.6g}" for c in columns)))
+    with open(out / "scaling.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("scale", "params_M", *(f"fid_clf_{m}" for m in layout.METHODS)))
+        for e in entries:
+            writer.writerow((e["scale"], f"{e['n_params'] / 1e6:.4g}", *(f"{e['fid_clf'][m]:.6g}" for m in layout.METHODS)))
 
 
 def real_grid(prepared_dir: Path, like: Path, out: Path) -> None:
@@ -176,57 +203,87 @@ def side_by_side(panels: list[tuple[Path, str]], path: Path, zoom: int = 2) -> N
     canvas.save(path)
 
 
-def markdown(entries: list[dict[str, Any]], title: str, recon_grid: bool = False, real_panel: bool = False) -> str:
+TARGETS = {"scm1": 1.5, "scm2": 1.10}  # the quality targets of the study: student fid_clf / teacher fid_clf
+
+
+def verdict(ratio: float | None, method: str) -> str:
+    """``1.07 ✓`` or ``1.62 ✗`` against the study's target for ``method``; ``n/a`` when not scored."""
+    return "n/a" if ratio is None else f"{ratio:.2f} {'✓' if ratio <= TARGETS[method] else '✗'}"
+
+
+def machine() -> str:
+    """The machine in one line: OS, architecture, CPU count, Python and torch versions (torch is not imported)."""
+    import os
+    import platform
+    from importlib import metadata
+
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "n/a"
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"torch {torch}")
+
+
+def markdown(entries: list[dict[str, Any]], title: str, recon_grid: bool = False, real_panel: bool = False,
+             provenance: str = "") -> str:
     f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
     accuracy = entries[0].get("clf_accuracy") if entries else None
     clf = f"a classifier with {accuracy:.1%} held-out accuracy" if accuracy is not None else "a classifier"
     lines = [f"# {title}", "", f"FID in the feature space of {clf} (`fid_clf`, mean ± std over sample seed sets); "
-             "ratio = sCM / teacher; speedup = teacher sampler time / sCM sampler time (same batch, decoder excluded).", "",
-             "| scale | params (M) | sCM | teacher NFE | FID teacher | FID sCM 1-step | FID sCM 2-step | rFID floor | ratio 1-step | ratio 2-step "
-             "| ms/img teacher | ms/img 1-step | ms/img 2-step | speedup 2-step (of NFE ratio) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"ratio = sCM / teacher, ✓ within the targets (1-step ≤ {TARGETS['scm1']}, 2-step ≤ {TARGETS['scm2']}).", "",
+             "| scale | params (M) | sCM | FID teacher (NFE) | FID 1-step | FID 2-step | rFID floor | ratio 1-step | ratio 2-step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         fc, sd = e["fid_clf"], e["fid_clf_std"]
         pm = lambda k: f"{f(fc[k])} ± {f(sd.get(k))}"
         method = {"scd": "sCD", "sct": "sCT"}.get(e.get("distill_method"), "n/a")
-        lines.append(f"| {e['scale']} | {e['n_params'] / 1e6:.2f} | {method} | {e['teacher_nfe']} | {pm('teacher')} | {pm('scm1')} | "
-                     f"{pm('scm2')} | {f(fc['recon'])} | {f(e['fid_clf_ratio']['scm1'])} | {f(e['fid_clf_ratio']['scm2'])} | "
-                     f"{f(e['sec_per_image']['teacher'] * 1e3, 3)} | {f(e['sec_per_image']['scm1'] * 1e3, 3)} | "
-                     f"{f(e['sec_per_image']['scm2'] * 1e3, 3)} | {f(e['speedup']['scm2'], 1)}x "
-                     f"({f(e['speedup_fraction_of_nfe_ratio']['scm2'])}) |")
+        lines.append(f"| {e['scale']} | {e['n_params'] / 1e6:.2f} | {method} | {pm('teacher')} ({e['teacher_nfe']}) | "
+                     f"{pm('scm1')} | {pm('scm2')} | {f(fc['recon'])} | {verdict(e['fid_clf_ratio']['scm1'], 'scm1')} | "
+                     f"{verdict(e['fid_clf_ratio']['scm2'], 'scm2')} |")
+    lines += ["", "Sampling speed: milliseconds per image on one batch, decoder excluded; speedup = teacher sampler time / "
+              "sCM sampler time (in parentheses: as a fraction of the NFE ratio).", "",
+              "| scale | ms/img teacher | ms/img 1-step | ms/img 2-step | speedup 1-step | speedup 2-step |",
+              "|---|---|---|---|---|---|"]
+    for e in entries:
+        t = e["sec_per_image"]
+        lines.append(f"| {e['scale']} | {f(t['teacher'] * 1e3, 3)} | {f(t['scm1'] * 1e3, 3)} | {f(t['scm2'] * 1e3, 3)} | "
+                     f"{f(e['speedup']['scm1'], 1)}x ({f(e['speedup_fraction_of_nfe_ratio']['scm1'])}) | "
+                     f"{f(e['speedup']['scm2'], 1)}x ({f(e['speedup_fraction_of_nfe_ratio']['scm2'])}) |")
     lines += ["", "![FID against parameters](fid_vs_params.png)", "", "![Training curves](loss_curves.png)", ""]
     if recon_grid:
         lines += ["The autoencoder (the floor of every latent model): held-out digits above their reconstructions.", "",
                   "![Reconstructions](recon_grid.png)", ""]
     for e in entries:
         panels = "real | teacher | sCM 1-step | sCM 2-step" if real_panel else "teacher | sCM 1-step | sCM 2-step"
-        lines += [f"## {e['scale']}: {panels}", "", f"![samples {e['scale']}](samples_{e['scale']}.png)", ""]
+        lines += [f"## {e['scale']}: {panels}", "", f"![samples {e['scale']}](samples/{e['scale']}.png)", ""]
     lines += ["## Every feature space", "",
               "The same samples in each feature space: the two classifiers trained here (`clf`, `clf2`: other "
               "architecture, other seed) and, when on, the field's Inception-v3 and DINOv2. The paper's claim for "
               "2 steps is a ratio within about 10% of the teacher.", "",
-              "| scale | space | teacher | 1-step | 2-step | ratio 1-step | ratio 2-step | 2-step ≤ 1.10 |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| scale | space | teacher | 1-step | 2-step | ratio 1-step | ratio 2-step |",
+              "|---|---|---|---|---|---|---|"]
     for e in entries:
         for space in layout.FEATURE_SPACES:
             fd = layout.fd(space)
             values, ratio = e[fd], e[f"{fd}_ratio"]
             if values.get("teacher") is None:
                 continue
-            verdict = "n/a" if ratio["scm2"] is None else ("yes" if ratio["scm2"] <= 1.10 else "no")
             lines.append(f"| {e['scale']} | `{fd}` | {f(values['teacher'])} | {f(values['scm1'])} | {f(values['scm2'])} "
-                         f"| {f(ratio['scm1'])} | {f(ratio['scm2'])} | {verdict} |")
+                         f"| {verdict(ratio['scm1'], 'scm1')} | {verdict(ratio['scm2'], 'scm2')} |")
     for space in ("inception", "dinov2"):
         status = entries[0][layout.fd(space)].get("status") if entries else None
         if status and status != "ok":
             lines += ["", f"`{layout.fd(space)}`: {status}."]
+    if provenance:
+        lines += ["", "---", "", provenance]
     lines.append("")
     return "\n".join(lines)
 
 
 def run(params: ReportParams, base: BaseParams, *, metrics_dir: Path, plots_dir: Path,
         artifacts_dir: Path, out_dir: Path, latents_dir: Path | None = None,
-        prepared_dir: Path | None = None) -> dict[str, Any]:
+        prepared_dir: Path | None = None, profile: str = "default") -> dict[str, Any]:
     entries = [summarise(s, metrics_dir) for s in base.scales]
     histories = {s: {st: _read_csv(layout.history_file(s, st, plots_dir)) for st in ("teacher", "distill")}
                  for s in base.scales}
@@ -234,6 +291,8 @@ def run(params: ReportParams, base: BaseParams, *, metrics_dir: Path, plots_dir:
         write_json(tmp / layout.SUMMARY, {"scales": entries})
         plot_scaling(entries, tmp / "fid_vs_params.png")
         plot_losses(histories, tmp / "loss_curves.png")
+        write_curves(histories, entries, tmp / "curves")
+        (tmp / "samples").mkdir()
         for s, e in zip(base.scales, entries):
             grids = [layout.stage_dir(s, "samples", artifacts_dir) / layout.grid_file(m) for m in layout.METHODS]
             missing = [g for g in grids if not g.is_file()]
@@ -244,12 +303,13 @@ def run(params: ReportParams, base: BaseParams, *, metrics_dir: Path, plots_dir:
             if prepared_dir is not None:
                 real_grid(prepared_dir, grids[0], tmp / f".real_{s}.png")
                 panels.insert(0, (tmp / f".real_{s}.png", "real (held-out eval split)"))
-            side_by_side(panels, tmp / f"samples_{s}.png")
+            side_by_side(panels, tmp / "samples" / f"{s}.png")
             (tmp / f".real_{s}.png").unlink(missing_ok=True)
         recon_grid = latents_dir is not None and (Path(latents_dir) / "recon_grid.png").is_file()
         if recon_grid:
             shutil.copyfile(Path(latents_dir) / "recon_grid.png", tmp / "recon_grid.png")
-        (tmp / layout.REPORT).write_text(markdown(entries, params.title, recon_grid, prepared_dir is not None))
+        footer = f"Profile `{profile}`, commit `{git_commit()}`, {machine()}."
+        (tmp / layout.REPORT).write_text(markdown(entries, params.title, recon_grid, prepared_dir is not None, footer))
         write_provenance(tmp, {"base": to_plain(base), "report": to_plain(params)})
     return {"scales": entries}
 
@@ -263,14 +323,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--artifacts", type=Path, default=Path(layout.ARTIFACTS))
     parser.add_argument("--latents", type=Path, default=Path(layout.LATENTS), help="for the reconstruction grid")
     parser.add_argument("--data", type=Path, default=Path(layout.PREPARED), help="for the real-data panel")
-    parser.add_argument("--out", type=Path, default=Path(layout.REPORTS))
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: reports/<profile>)")
     args = parser.parse_args(argv)
     p = load_args(args)
+    args.out = args.out or layout.reports_dir(p.profile)
     check_paths(inputs={"--metrics": args.metrics, "--plots": args.plots, "--artifacts": args.artifacts, "--latents": args.latents,
                         "--data": args.data},
                 outputs={"--out": args.out})
     out = run(p.report, p.base, metrics_dir=args.metrics, plots_dir=args.plots, artifacts_dir=args.artifacts, out_dir=args.out,
-              latents_dir=args.latents, prepared_dir=args.data)
+              latents_dir=args.latents, prepared_dir=args.data, profile=p.profile)
     for e in out["scales"]:
         print(f"report: {e['scale']}: fid_clf teacher {e['fid_clf']['teacher']:.3f} / 1-step {e['fid_clf']['scm1']:.3f} / "
               f"2-step {e['fid_clf']['scm2']:.3f}; speedup 2-step {e['speedup']['scm2']:.1f}x")

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from study.errors import StageError
-from study.params import Params, load
+from study.params import Params, load, selection
 
 
 def add_params_args(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,8 @@ def load_args(args: argparse.Namespace) -> Params:
     if getattr(args, "dry_run", False):
         print(yaml.safe_dump(params.to_dict(), sort_keys=False), end="")
         raise SystemExit(0)
+    print(f"{Path(sys.argv[0]).stem if sys.argv[0] not in ('', '-c') else 'stage'}: "
+          f"{selection(args.params, params, args.overrides)}", flush=True)  # the first line of every stage
     return params
 
 

@@ -92,7 +92,7 @@ def fetch(source: str, sha256: str, dest: Path) -> Path:
             except Exception as e:  # MLflow raises many types; all mean "not available"
                 raise StageError(f"{source}: MLflow could not provide this model ({str(e).splitlines()[0][:200]})") from None
             if local.is_dir():
-                found = sorted(local.rglob("*.safetensors"))
+                found = sorted(local.rglob("model.safetensors")) or sorted(local.rglob("*.safetensors"))  # the project's file
                 if not found:
                     raise StageError(f"{source}: the MLflow artifact holds no .safetensors file")
                 local = found[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 PREPARED = "data/prepared"  # data stage
 LATENTS = "data/latents"  # encode stage
 CLASSIFIER = "artifacts/classifier"  # classifier stage
-REPORTS = "reports"  # report stage
+REPORTS = "reports"  # report stage: reports/<profile> (reports_dir)
 METRICS, PLOTS, ARTIFACTS = "metrics", "plots", "artifacts"  # per-scale metrics, training curves, models and samples
 SUMMARY, REPORT = "summary.json", "report.md"  # in REPORTS
 SAMPLES_FILE = "samples.safetensors"  # in stage_dir(scale, "samples")
@@ -32,8 +32,18 @@ def stage_dir(scale: str, stage: str, artifacts: str | Path = ARTIFACTS) -> Path
 
 
 def metrics_file(scale: str, stage: str, metrics: str | Path = METRICS) -> Path:
-    """``metrics/<scale>/<stage>.json`` of ``teacher``, ``distill`` or ``evaluate``."""
+    """``metrics/<scale>/<stage>.json``: every number ``teacher``, ``distill`` or ``evaluate`` reports (not a DVC metric)."""
     return Path(metrics) / scale / f"{stage}.json"
+
+
+def headline_file(scale: str, metrics: str | Path = METRICS) -> Path:
+    """``metrics/<scale>/headline.json``: the few numbers of a scale that ``dvc metrics show`` lists (DVC's only metric)."""
+    return Path(metrics) / scale / "headline.json"
+
+
+def reports_dir(profile: str, reports: str | Path = REPORTS) -> Path:
+    """``reports/<profile>``: the report stage's output. Only ``reports/default`` is committed (``.gitignore``)."""
+    return Path(reports) / profile
 
 
 def history_file(scale: str, stage: str, plots: str | Path = PLOTS) -> Path:

@@ -506,6 +506,37 @@ def committed_params(path: Path) -> dict | None:
     return committed if isinstance(committed, dict) else None
 
 
+def edited_keys(raw: dict, committed: dict | None) -> list[str]:
+    """The dotted keys whose values differ between ``raw`` and ``committed`` (``params.yaml`` and git ``HEAD``'s)."""
+    if committed is None:
+        return []
+
+    def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict) and node:
+            return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    now, before = leaves(raw), leaves(committed)
+    return sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+
+
+def selection(path: str | Path, params: Params, overrides: list[str] | None = None) -> str:
+    """One line naming what a stage runs with: the profile, the ``-S`` overrides, and the keys of ``params.yaml``
+    edited since git ``HEAD`` (what ``dvc exp run -S`` or a hand edit changed)."""
+    parts = [f"profile {params.profile}"]
+    if overrides:
+        parts.append("-S " + " -S ".join(overrides))
+    try:
+        raw = read_yaml(Path(path).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        raw = None
+    edited = edited_keys(raw, committed_params(Path(path))) if isinstance(raw, dict) else []
+    if edited:
+        shown = ", ".join(edited[:6]) + (f" and {len(edited) - 6} more" if len(edited) > 6 else "")
+        parts.append(f"{Path(path).name} edited since HEAD: {shown}")
+    return "; ".join(parts)
+
+
 def shadowed_edits(raw: dict, committed: dict | None, profile: str, ignore: frozenset[str] = frozenset()) -> list[str]:
     """Top-level values edited since ``committed`` that the selected profile overrides with another value.
 

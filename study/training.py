@@ -225,7 +225,7 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
             elapsed = time.perf_counter() - start
             row = {"step": step, "kimg": (step + 1) * batch_size / 1000, "loss": totals[0] / parts, "grad_norm": grad_norm,
                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": (step + 1 - first_step) * batch_size / max(elapsed, 1e-9),
-                   "skipped": skipped, **logged}
+                   "skipped": skipped, "time": round(time.time(), 3), **logged}  # time: Unix seconds (MLflow timestamps)
             history.append(row)
             shown = {"mse": f"{row['mse']:.4f}"} if "mse" in row else {"loss": f"{row['loss']:.4f}"}  # as plotted
             if "r" in row:

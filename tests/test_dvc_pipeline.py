@@ -46,6 +46,8 @@ def make_project(dest: Path, profile: str = "smoke") -> Path:
     _run(["git", "init", "-q"], dest)
     _run([sys.executable, "-m", "dvc", "init", "-q"], dest)
     _run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
+    (dest / ".dvc" / "plots").mkdir(exist_ok=True)  # the template of dvc.yaml's top-level plots
+    shutil.copy(ROOT / ".dvc" / "plots" / "by_scale.json", dest / ".dvc" / "plots" / "by_scale.json")
     _run(["git", "add", "-A"], dest)
     _run(["git", "commit", "-qm", "init"], dest)
     return dest
@@ -63,15 +65,16 @@ def test_every_stage_ran_and_wrote_its_outputs(repro):
     for stage in ("data", "encode", "classifier", "report", *(f"{s}@{x}" for s in ("teacher", "distill", "sample", "evaluate") for x in SCALES)):
         assert f"Running stage '{stage}'" in log, stage
     for path in ("data/prepared/images.parquet", "data/latents/latents.safetensors", "artifacts/classifier/model.safetensors",
-                 "reports/summary.json", "reports/report.md", "reports/fid_vs_params.png", "reports/loss_curves.png", "dvc.lock"):
+                 "reports/smoke/summary.json", "reports/smoke/report.md", "reports/smoke/fid_vs_params.png",
+                 "reports/smoke/loss_curves.png", "reports/smoke/curves/distill.csv", "dvc.lock"):
         assert (repo / path).is_file(), path
     for s in SCALES:
         for path in (f"artifacts/{s}/teacher/model.safetensors", f"artifacts/{s}/distill/model.safetensors",
                      f"artifacts/{s}/samples/samples.safetensors", f"artifacts/{s}/samples/grid_scm2.png",
-                     f"metrics/{s}/evaluate.json", f"plots/{s}/distill_history.csv", f"reports/samples_{s}.png",
+                     f"metrics/{s}/evaluate.json", f"plots/{s}/distill_history.csv", f"reports/smoke/samples/{s}.png",
                      f"artifacts/{s}/teacher/resolved_params.json"):
             assert (repo / path).is_file(), path
-    summary = json.loads((repo / "reports/summary.json").read_text())
+    summary = json.loads((repo / "reports/smoke/summary.json").read_text())
     assert [e["scale"] for e in summary["scales"]] == list(SCALES)
     assert summary["scales"][0]["n_params"] < summary["scales"][1]["n_params"]
     accuracy = json.loads((repo / "artifacts/classifier/metrics.json").read_text())["accuracy"]
@@ -80,10 +83,10 @@ def test_every_stage_ran_and_wrote_its_outputs(repro):
         assert e["clf_accuracy"] == accuracy  # fid_clf is reported beside its feature extractor's accuracy
         assert e["fid_clf2"]["teacher"] > 0 and e["fid_clf2_ratio"]["scm2"] > 0  # the second feature space
         assert e["fid_inception"]["teacher"] is None and e["fid_inception"]["status"].startswith("off")
-    report = (repo / "reports/report.md").read_text()
+    report = (repo / "reports/smoke/report.md").read_text()
     assert f"{accuracy:.1%} held-out accuracy" in report
     assert "| cpu-s | `fid_clf2` |" in report and "`fid_inception`: off (evaluate.inception: off" in report
-    assert "![Reconstructions](recon_grid.png)" in report and (repo / "reports/recon_grid.png").is_file()
+    assert "![Reconstructions](recon_grid.png)" in report and (repo / "reports/smoke/recon_grid.png").is_file()
     resolved = json.loads((repo / "artifacts/cpu-s/distill/resolved_params.json").read_text())
     assert resolved["params"]["distill"]["steps"] == 6
     assert json.loads((repo / "artifacts/cpu-s/distill/provenance.json").read_text())["git_commit"] != "unknown"
@@ -108,15 +111,42 @@ def test_the_metric_names_read_downstream_are_the_ones_evaluate_writes(repro):
     for s in SCALES:
         written = json.loads((repo / layout.metrics_file(s, "evaluate")).read_text())
         assert set(layout.HEADLINE) | set(TABLE_METRICS) <= set(written), set(layout.HEADLINE) - set(written)
-        entry = next(e for e in json.loads((repo / "reports/summary.json").read_text())["scales"] if e["scale"] == s)
+        entry = next(e for e in json.loads((repo / "reports/smoke/summary.json").read_text())["scales"] if e["scale"] == s)
         assert entry["fid_clf"]["scm2"] == written[layout.metric("fid_clf", "scm2")]
         assert entry["fid_clf_ratio"]["scm1"] == written[layout.ratio("scm1")]
 
 
-def test_metrics_show_lists_the_evaluation(repro):
+def test_metrics_show_lists_only_the_headline_numbers(repro):
+    """One small numeric file per scale is DVC's metric; every other number is in non-metric JSON."""
     repo, _ = repro
-    out = _run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo)
-    assert "fid_clf_scm2" in out and "speedup_scm2" in out
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo))
+    files = next(iter(shown.values()))["data"]  # the workspace (its key is "")
+    assert sorted(files) == sorted(f"metrics/{s}/headline.json" for s in SCALES)
+    for s in SCALES:
+        headline = files[f"metrics/{s}/headline.json"]["data"]
+        assert set(headline) == {"fid_clf", "fid_clf2", "ratio_clf", "ratio_clf2", "speedup", "accuracy"}
+        assert set(headline["fid_clf"]) == {"teacher", "scm1", "scm2"} and set(headline["ratio_clf"]) == {"scm1", "scm2"}
+        leaves = [v for group in headline.values() for v in group.values()]
+        assert all(isinstance(v, float) for v in leaves) and len(leaves) <= 20  # numbers only, a few of them
+        written = json.loads((repo / f"metrics/{s}/evaluate.json").read_text())
+        assert headline["fid_clf"]["scm2"] == float(f"{written['fid_clf_scm2']:.4g}")
+    table = _run([sys.executable, "-m", "dvc", "metrics", "show"], repo)
+    assert max(len(line) for line in table.splitlines()) < 400, table
+
+
+def test_plots_show_overlays_the_scales_and_shows_the_figures(repro):
+    """Top-level plots: titled, labelled, every scale in one chart (the by_scale template), the figures as images."""
+    repo, _ = repro
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "plots", "show", "--json"], repo))
+    assert not shown.get("errors"), shown.get("errors")
+    data = shown["data"]
+    loss = data["teacher training loss"][0]["content"]
+    assert loss["title"].startswith("Teacher") and loss["encoding"]["x"]["title"] == "thousands of training images"
+    assert loss["encoding"]["color"]["field"] == "scale"
+    assert {row["scale"] for row in loss["data"]["values"]} == set(SCALES)
+    images = [k for k, v in data.items() if v and v[0]["type"] == "image"]
+    assert {"reports/smoke/fid_vs_params.png", "reports/smoke/loss_curves.png"} <= set(images)
+    assert {f"reports/smoke/samples/{s}.png" for s in SCALES} <= set(images)
 
 
 @contextlib.contextmanager

@@ -62,7 +62,7 @@ def reproduced(tmp_path_factory, prefect_api) -> Reproduction:
 
     project = make_project(tmp_path_factory.mktemp("reproduce"))
     start = time.perf_counter()
-    state = reproduce(profile="smoke", project=str(project), return_state=True)
+    state = reproduce(profile="smoke", project=str(project), register_models=True, return_state=True)
     seconds = time.perf_counter() - start
     print(f"\nreproduce (smoke, fresh project): {seconds:.0f} s")
     assert state.is_completed(), state.message

@@ -154,7 +154,8 @@ class StageWatcher:
 @task(name="stage", task_run_name=_stage_run_name, retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
 def run_stage(project: Path, stage: str, tracking_uri: str, params_digest: str, pull: bool = False,
-              force: bool = False, remote: bool = False, live: tuple[tracking.Record, str] | None = None):
+              force: bool = False, remote: bool = False, live: tuple[tracking.Record, str] | None = None,
+              position: str = ""):
     """``dvc repro --single-item <stage>``, its output streamed into this task's log; refused if params.yaml changed.
 
     Ends in the state ``Ran``, ``Restored`` (from DVC's run cache), ``Pulled`` (from the remote) or ``Skipped`` (up
@@ -163,6 +164,7 @@ def run_stage(project: Path, stage: str, tracking_uri: str, params_digest: str, 
     """
     logger = get_run_logger()
     dvc_driver.check_params_unchanged(project, params_digest, stage)
+    logger.info("stage %s: %s", position, stage)  # "stage 4 of 12: teacher@cpu-xs"
     watcher = StageWatcher(stage, logger.info, live)
     try:
         result = dvc_driver.repro_stage(project, stage, log=watcher, env=dvc_driver.subprocess_env(tracking_uri),
@@ -346,7 +348,7 @@ def reproduce(profile: str | None = None, overrides: list[str] | dict[str, Any] 
         outcomes: list[dict[str, Any]] = []
         failed = None
         try:
-            for stage in stages:
+            for i, stage in enumerate(stages):
                 scale = stage.partition("@")[2]
                 if scale and scale not in runs:
                     runs[scale] = tracking.open_scale(record, cfg.project, scale,
@@ -354,7 +356,7 @@ def reproduce(profile: str | None = None, overrides: list[str] | dict[str, Any] 
                 tags = [f"profile:{cfg.profile}", f"stage:{stage.partition('@')[0]}", *([f"scale:{scale}"] if scale else [])]
                 future = run_stage.with_options(tags=tags).submit(
                     cfg.project, stage, quote(record.uri), quote(digest), pull=pull, force=force, remote=remote,
-                    live=quote((record, runs[scale]) if scale else None),
+                    live=quote((record, runs[scale]) if scale else None), position=f"{i + 1} of {len(stages)}",
                     wait_for=[futures[u] for u in upstream[stage] if u in futures])
                 futures[stage] = future
                 future.wait()  # one stage at a time: DVC holds the workspace lock while it works

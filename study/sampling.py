@@ -69,7 +69,7 @@ def generate(sampler: Sampler, codec: Codec, seeds: Sequence[int], shape: Sequen
     """Decoded uint8 images for ``seeds`` (each image depends only on its own seed)."""
     out = []
     chunks = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-    for chunk in progress_bar(chunks, desc=f"sample {sampler.name}", disable=not progress, leave=False):
+    for chunk in progress_bar(chunks, desc=f"sample {sampler.name}", unit="batch", disable=not progress, leave=False):
         noise = samplers.noise_from_seeds(chunk, shape, sampler.n_noise, sigma_data=sigma_data, device=device)
         latents = sampler(noise)
         if not torch.isfinite(latents).all():

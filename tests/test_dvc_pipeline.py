@@ -149,6 +149,20 @@ def test_plots_show_overlays_the_scales_and_shows_the_figures(repro):
     assert {f"reports/smoke/samples/{s}.png" for s in SCALES} <= set(images)
 
 
+def test_plots_show_renders_an_offline_page(repro, tmp_path):
+    """The page .dvc/config names (written by `make install`) inlines Vega: no CDN script in what DVC writes."""
+    from pipeline import plots_page
+
+    repo, _ = repro
+    page = plots_page.write(repo)
+    _run([sys.executable, "-m", "dvc", "config", "plots.html_template", "plots/offline.html"], repo)
+    _run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "vegaEmbed(" in html and "teacher training loss" in html.lower() or "Teacher:" in html
+    assert "<script src=" not in html and "cdn.jsdelivr" not in html
+    assert len(html) > len(page.read_text())  # the template with the plots in it
+
+
 @contextlib.contextmanager
 def edited(path: Path, old: str, new: str, *, then: Callable[[], Any] = lambda: None):
     """``path`` with its first ``old`` replaced by ``new`` inside the block; restored afterwards, then ``then()``."""

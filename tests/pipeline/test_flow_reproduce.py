@@ -91,6 +91,7 @@ def test_stage_output_is_streamed_into_the_task_log(reproduced):
     assert any("Running stage 'teacher@cpu-s'" in m for m in messages), messages[:20]
     assert any("python -m stages.teacher --scale cpu-s" in m for m in messages)
     assert any("teacher@cpu-s: ran in" in m for m in messages)
+    assert "stage 8 of 12: teacher@cpu-s" in messages  # the stage counter
 
 
 def test_results_are_published_as_prefect_artifacts(reproduced):

@@ -19,7 +19,7 @@ TITLES = ("sweep point A", "sweep point B")
 def swept(reproduced):
     from pipeline.flows import sweep
 
-    before = {p: (reproduced.project / p).read_text() for p in ("params.yaml", "reports/report.md", "dvc.lock")}
+    before = {p: (reproduced.project / p).read_text() for p in ("params.yaml", "reports/smoke/report.md", "dvc.lock")}
     # report.title only changes the report stage: every other stage is restored from the run cache.
     state = sweep(project=str(reproduced.project), profile="smoke", grid={"report.title": list(TITLES)}, concurrency=2,
                   return_state=True)
@@ -45,7 +45,7 @@ def test_each_point_has_its_own_copy_and_the_project_is_untouched(swept, reprodu
     for title in TITLES:
         copy = copies[f"report.title={title}"]
         assert copy.startswith(str(reproduced.project / ".sweeps"))
-        assert (Path(copy) / "reports/report.md").read_text().startswith(f"# {title}")
+        assert (Path(copy) / "reports/smoke/report.md").read_text().startswith(f"# {title}")
         outcomes = {s["stage"]: s["outcome"] for s in result["points"][f"report.title={title}"]["stages"]}
         assert outcomes.pop("report") == "ran"
         assert set(outcomes.values()) == {"restored"}, outcomes  # shared run cache: nothing recomputed

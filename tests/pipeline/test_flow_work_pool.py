@@ -76,4 +76,4 @@ def test_a_worker_runs_the_deployed_flow_from_git_with_a_shared_dvc_remote(prefe
     for child in c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"):
         scale = child.data.params["scale"]
         expected = json.loads((origin / "metrics" / scale / "evaluate.json").read_text())["fid_clf_scm2"]
-        assert child.data.metrics["fid_clf_scm2"] == pytest.approx(expected)
+        assert child.data.metrics["eval/fid_clf/2step"] == pytest.approx(expected)

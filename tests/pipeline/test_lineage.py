@@ -106,7 +106,7 @@ def committed(tmp_path_factory) -> Path:
         do = body.get("do", body)
         for item in (SCALES if "foreach" in body else [None]):
             for entry in [*do.get("outs", []), *do.get("metrics", []), *do.get("plots", [])]:
-                path = repo / (next(iter(entry)) if isinstance(entry, dict) else entry).replace("${item}", str(item))
+                path = repo / (next(iter(entry)) if isinstance(entry, dict) else entry).replace("${item}", str(item)).replace("${profile}", "default")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if path.suffix:
                     path.write_text("placeholder\n")

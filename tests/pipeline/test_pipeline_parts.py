@@ -79,6 +79,51 @@ def test_stage_order_follows_dvc_and_reads_like_the_study(dvc_project):
         dvc_driver.stage_order(dvc_project, ("cpu-m",))
 
 
+def test_stage_graph_gives_each_stage_its_dvc_upstream(dvc_project):
+    order, upstream = dvc_driver.stage_graph(dvc_project, ("cpu-xs",))
+    assert upstream["data"] == [] and upstream["teacher@cpu-xs"] == ["encode"]
+    assert upstream["sample@cpu-xs"] == ["distill@cpu-xs", "encode", "teacher@cpu-xs"]
+    assert set(upstream) == set(order) and all(set(u) <= set(order[:order.index(n)]) for n, u in upstream.items())
+
+
+def test_the_cli_refuses_to_run_outside_a_project(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no dvc.yaml here: no fallback to the installed checkout
+    assert cli.main(["reproduce", "--profile", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a project directory" in err and "--project" in err
+    assert cli.main(["record"]) == 2 and "not a project directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_metric_names_are_namespaced_and_configuration_is_not_a_metric():
+    rows = dict((k, v) for k, v, _ in tracking.evaluation_rows(
+        {"scale": "cpu-s", "n_samples": 1000, "nfe_teacher": 35, "headline": "mean", "fid_clf_scm2": 3.0,
+         "fid_clf_scm2_std": 0.1, "fid_clf2_ratio_scm1": 1.5, "speedup_scm2": 9.0, "clf_accuracy": 0.99,
+         "inception_status": "off", "wall_seconds": 12.0}))
+    assert rows == {"eval/fid_clf/2step": 3.0, "eval/fid_clf_std/2step": 0.1, "eval/ratio_clf2/1step": 1.5,
+                    "speed/speedup/2step": 9.0, "eval/clf_accuracy": 0.99, "time/evaluate_s": 12.0}
+    stage = dict((k, v) for k, v, _ in tracking.stage_rows("teacher", {"n_params": 5, "final_loss": 0.2,
+                                                                        "train_seconds": 3.0, "scale": "cpu-s"}))
+    assert stage == {"train/teacher/final_loss": 0.2, "time/teacher_train_s": 3.0}
+    curve = tracking.curve_rows("distill", [{"step": 0, "kimg": 0.2, "loss": 1.0, "time": 100.5}])
+    assert ("train/distill/loss", 1.0, 0, 100.5) in curve and all(r[0] != "train/distill/time" for r in curve)
+
+
+def test_the_stage_watcher_reads_progress_and_peak_memory():
+    from pipeline.flows import _BAR, _PEAK, _POSTFIX
+
+    line = "distill-cpu-s:  45%|####5     | 9/20 [00:01<00:01,  6.7step/s, mse=0.1234, r=0.45, avg_img_s=900]"
+    assert _BAR.search(line).groups() == ("9", "20")
+    assert dict(_POSTFIX.findall(line.split("[", 1)[1])) == {"mse": "0.1234", "r": "0.45", "avg_img_s": "900"}
+    assert _PEAK.match("teacher: peak memory 1048 MiB").group(1) == "1048"
+
+
+def test_dvc_noise_is_dropped_and_the_push_hint_kept_only_with_a_remote():
+    assert dvc_driver.NOISE.search("Use `dvc push` to send your updates to remote storage.")
+    assert dvc_driver.NOISE.search("ERROR: failed to reproduce 'teacher@cpu-xs': failed to run: python -m stages")
+    assert not dvc_driver.NOISE.search("Running stage 'data':")
+
+
 def test_stream_logs_lines_and_thins_progress_redraws(tmp_path):
     script = ("import sys, time\n"
               "print('first line', flush=True)\n"
@@ -201,7 +246,7 @@ def test_each_scale_is_recorded_with_the_params_its_stages_ran_with(tmp_path):
         write(layout.stage_dir(scale, "distill"), {"base": base, "distill": {"lr": lr}, "teacher": "artifacts/x/teacher"})
         write(layout.stage_dir(scale, "samples"), {"base": base, "sample": {"t_mid": 1.1}})
         (tmp_path / layout.evaluation_file(scale)).write_text(json.dumps({"params": {"evaluate": {"prc": True}}}))
-    write(layout.REPORTS, {"base": base, "report": {"title": "t"}})
+    write(layout.reports_dir("default"), {"base": base, "report": {"title": "t"}})
     xs, s = (tracking.scale_params(tmp_path, scale, "default") for scale in ("cpu-xs", "cpu-s"))
     assert xs["distill"]["lr"] == 1e-4 and s["distill"]["lr"] == 5e-4
     assert xs["teacher"] == {"lr": 1e-3} and xs["base"] == base and xs["data"] == {"source": "mnist5k"}

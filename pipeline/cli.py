@@ -250,10 +250,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def where_to_look(uri: str, experiment_id: str, run_id: str, run_url: str | None) -> str:
     """Where the MLflow record is, and how to open it."""
+    from pipeline import tracking
+
     if run_url:
         return f"  MLflow   {run_url}"
     return (f"  MLflow   run {run_id} in {uri}; open the UI with `mlflow ui --backend-store-uri {uri}`, then "
-            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}?{tracking.UI_MODE}")
 
 
 def _record(args: argparse.Namespace) -> int:

@@ -299,7 +299,7 @@ def _mlflow_markdown(record: tracking.Record) -> str:
     """How to open a local store's record in the MLflow UI."""
     return (f"MLflow run `{record.run_id}` (experiment `{record.experiment_id}`) in `{redact(record.uri)}`.\n\n"
             f"Open it with\n\n```\nmlflow ui --backend-store-uri {redact(record.uri)}\n```\n\nthen "
-            f"http://127.0.0.1:5000/#/experiments/{record.experiment_id}/runs/{record.run_id}\n")
+            f"http://127.0.0.1:5000/#/experiments/{record.experiment_id}/runs/{record.run_id}?{tracking.UI_MODE}\n")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -168,11 +168,14 @@ def open_parent(uri: str, project: Path, profile: str, *, run_name: str, params:
     return Record(uri, exp, run.info.run_id, profile)
 
 
+UI_MODE = "workflowType=machine_learning"  # MLflow 3's UI opens in its GenAI mode unless a link asks for this one
+
+
 def run_url(record: Record, run_id: str | None = None) -> str | None:
     """The run's page in the MLflow UI of an HTTP tracking server; None for a local store (no server to link to)."""
     if not record.uri.startswith(("http://", "https://")):
         return None
-    return f"{record.uri.rstrip('/')}/#/experiments/{record.experiment_id}/runs/{run_id or record.run_id}"
+    return f"{record.uri.rstrip('/')}/#/experiments/{record.experiment_id}/runs/{run_id or record.run_id}?{UI_MODE}"
 
 
 def close(record: Record, status: str) -> None:
@@ -270,8 +273,8 @@ def dvc_lock_md5(project: Path) -> dict[str, str]:
 
 SAMPLER = {"teacher": "teacher", "scm1": "1step", "scm2": "2step", "recon": "recon"}
 _PER_SAMPLER = re.compile(r"^(?P<name>.+?)_(?P<sampler>teacher|scm1|scm2|recon)(?P<rest>_.+)?$")
-_NOT_METRICS = {"scale", "n_samples", "seed_sets", "headline", "batch_size", "method", "source", "n_params",
-                "resumed_from_step", "final_r"}  # identities and configuration: params or tags
+_NOT_METRICS = {"scale", "n_samples", "seed_sets", "headline", "batch_size", "repeats", "method", "source",
+                "n_params", "resumed_from_step", "final_r"}  # identities and configuration: params or tags
 SPEED = ("sec_per_image", "images_per_s", "speedup")
 
 

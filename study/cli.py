@@ -26,6 +26,7 @@ def add_params_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one parameter, e.g. -S distill.steps=500 (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved parameters and exit")
+    parser.set_defaults(stage_name=parser.prog.split()[-1].rsplit(".", 1)[-1])  # "python -m stages.encode" -> encode
 
 
 def load_args(args: argparse.Namespace) -> Params:
@@ -34,8 +35,7 @@ def load_args(args: argparse.Namespace) -> Params:
     if getattr(args, "dry_run", False):
         print(yaml.safe_dump(params.to_dict(), sort_keys=False), end="")
         raise SystemExit(0)
-    print(f"{Path(sys.argv[0]).stem if sys.argv[0] not in ('', '-c') else 'stage'}: "
-          f"{selection(args.params, params, args.overrides)}", flush=True)  # the first line of every stage
+    print(f"{args.stage_name}: {selection(args.params, params, args.overrides)}", flush=True)  # every stage's first line
     return params
 
 

@@ -64,6 +64,7 @@ def test_every_stage_ran_and_wrote_its_outputs(repro):
     repo, log = repro
     for stage in ("data", "encode", "classifier", "report", *(f"{s}@{x}" for s in ("teacher", "distill", "sample", "evaluate") for x in SCALES)):
         assert f"Running stage '{stage}'" in log, stage
+        assert f"\n{stage.partition('@')[0]}: profile smoke" in log, stage  # each stage names its profile first
     for path in ("data/prepared/images.parquet", "data/latents/latents.safetensors", "artifacts/classifier/model.safetensors",
                  "reports/smoke/summary.json", "reports/smoke/report.md", "reports/smoke/fid_vs_params.png",
                  "reports/smoke/loss_curves.png", "reports/smoke/curves/distill.csv", "dvc.lock"):

@@ -428,7 +428,9 @@ def test_cli(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text(params_text("base:\n  seed: 3\ndata:\n  source: mnist5k\n  max_images: 200\n"))
     ok = run_cli("--params", "params.yaml", "-S", "data.eval_fraction=0.1", "--out", "data/prepared", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.count("\n") == 1 and "180 train + 20 eval" in ok.stdout and "[1, 28, 28]" in ok.stdout
+    first, summary = ok.stdout.splitlines()
+    assert first == "data: profile default; -S data.eval_fraction=0.1"  # what the stage runs with, first
+    assert "180 train + 20 eval" in summary and "[1, 28, 28]" in summary
     manifest = json.loads((tmp_path / "data" / "prepared" / "manifest.json").read_text())
     assert manifest["seed"] == 3 and manifest["counts"] == {"train": 180, "eval": 20}
 

@@ -201,7 +201,8 @@ def test_cli_summary_and_errors(prepared: Path, tmp_path: Path, capsys: pytest.C
             "-S", "encode.codec=identity"]
     assert cli(encode.main, argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("encode: codec=identity latents 1×8×8")
+    assert lines[0] == "encode: profile default; -S encode.codec=identity"  # first: what the stage runs with
+    assert len(lines) == 2 and lines[1].startswith("encode: codec=identity latents 1×8×8")
 
     assert cli(encode.main, [*argv[:-2], "--profile", "smoke", "--dry-run"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["encode"]["steps"] == 2  # the resolved params, as YAML

@@ -19,6 +19,7 @@ import time
 import torch
 
 from scm import losses
+from scm import networks
 from scm import nn as scm_nn
 from scm import samplers
 from scm import trigflow
@@ -35,7 +36,7 @@ def median_time(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", default="cpu-s", choices=list(scm_nn.SCALES))
+    ap.add_argument("--scale", default="cpu-s", choices=list(networks.SCALES))
     ap.add_argument("--shape", type=int, nargs=3, default=[4, 7, 7], metavar=("C", "H", "W"))
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=10, help="timed repetitions per measurement (median is reported)")
@@ -49,7 +50,7 @@ def main() -> None:
     torch.manual_seed(0)
     dev, sd = torch.device(args.device), 0.5
 
-    net = scm_nn.UNet(scm_nn.unet_config(args.scale, in_channels=args.shape[0])).to(dev)
+    net = networks.build(networks.network_config(args.scale, in_channels=args.shape[0])).to(dev)
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
     head = scm_nn.AdaptiveWeight().to(dev)
     params = list(net.parameters()) + list(head.parameters())

@@ -25,13 +25,14 @@ STEP_SCRIPT = r"""
 import copy, json, statistics, sys, time
 import torch
 from scm import losses
+from scm import networks
 from scm import nn as scm_nn
 from scm import trigflow
 
 scale, shape, batch, repeats, threads = sys.argv[1], tuple(map(int, sys.argv[2].split(","))), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
-net = scm_nn.UNet(scm_nn.unet_config(scale, in_channels=shape[0]))
+net = networks.build(networks.network_config(scale, in_channels=shape[0]))
 teacher = copy.deepcopy(net).eval().requires_grad_(False)
 head = scm_nn.AdaptiveWeight()
 params = list(net.parameters()) + list(head.parameters())

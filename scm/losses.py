@@ -106,8 +106,14 @@ def diffusion_loss(net: nn.Module, x0: Tensor, *, sigma_data: float, P_mean: flo
 # sCM: the tangent and the loss.
 
 
+def call_net(net: nn.Module, x_hat: Tensor, t: Tensor, class_labels: Tensor | None,
+             guidance: Tensor | None = None) -> Tensor:
+    """F_θ(x̂, t[, labels][, s]): the guidance scale is passed only to students that take one."""
+    return net(x_hat, t, class_labels) if guidance is None else net(x_hat, t, class_labels, guidance=guidance)
+
+
 def jvp_tangent(net: nn.Module, x_t: Tensor, t: Tensor, dxt_dt: Tensor, *, sigma_data: float,
-                class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                class_labels: Tensor | None = None, guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """F⁻ and J = cos t·sin t·dF⁻/dt by one forward-mode JVP, under no grad (paper §5.1, "JVP rearrangement").
 
     Primals (x_t/σ_d, t), tangents (cos t sin t·(dx_t/dt)/σ_d, cos t sin t); this is the dimensionally consistent
@@ -117,12 +123,13 @@ def jvp_tangent(net: nn.Module, x_t: Tensor, t: Tensor, dxt_dt: Tensor, *, sigma
     primals = (x_t / sigma_data, t)
     tangents = (append_dims(cs, x_t.ndim) * dxt_dt / sigma_data, cs)
     with torch.no_grad(), attention_op(net, "math"):
-        F_minus, J = torch.func.jvp(lambda x_hat, tt: net(x_hat, tt, class_labels), primals, tangents)
+        F_minus, J = torch.func.jvp(lambda x_hat, tt: call_net(net, x_hat, tt, class_labels, guidance), primals, tangents)
     return F_minus, J
 
 
 def fd_tangent(net: nn.Module, x_t: Tensor, t: Tensor, dxt_dt: Tensor, *, sigma_data: float,
-               class_labels: Tensor | None = None, h: float = 1e-4, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+               class_labels: Tensor | None = None, guidance: Tensor | None = None, h: float = 1e-4,
+               dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """The same (F⁻, J) by a central finite difference along the tangent direction, in float64.
 
     J ≈ [F(p + h·v) − F(p − h·v)]/(2h) with p = (x_t/σ_d, t) and v the JVP's tangent. It is the test oracle for
@@ -136,7 +143,8 @@ def fd_tangent(net: nn.Module, x_t: Tensor, t: Tensor, dxt_dt: Tensor, *, sigma_
               {**dict(net.named_parameters()), **dict(net.named_buffers())}.items()}
 
     def F(x: Tensor, s: Tensor) -> Tensor:
-        return torch.func.functional_call(net, params, (x, s, class_labels))
+        kwargs = {} if guidance is None else {"guidance": guidance.to(dtype)}
+        return torch.func.functional_call(net, params, (x, s, class_labels), kwargs)
 
     with torch.no_grad():
         rng = _rng_state(x_t.device)
@@ -228,7 +236,7 @@ TANGENTS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"jvp": jvp_tangent,
 def scm_loss(net: nn.Module, x0: Tensor, *, cfg: SCMConfig, step: int, teacher: VelocityFn | None = None,
              weight_head: nn.Module | None = None, class_labels: Tensor | None = None,
              generator: torch.Generator | None = None, noise: Noise | None = None,
-             tangent_net: nn.Module | None = None) -> LossOutput:
+             tangent_net: nn.Module | None = None, guidance: Tensor | None = None) -> LossOutput:
     """The sCM loss (paper Eq. 8, Alg. 1): sCD when ``teacher`` is given, sCT otherwise.
 
     L(θ, φ) = E[(e^{w_φ(t)}/D)·‖F_θ(x_t/σ_d, t) − F⁻ − g‖² − w_φ(t)], g normalised. F⁻ = stopgrad(F_θ) with the
@@ -239,7 +247,9 @@ def scm_loss(net: nn.Module, x0: Tensor, *, cfg: SCMConfig, step: int, teacher: 
     Precision: the network's ``amp_dtype`` (e.g. bf16 on CUDA) autocasts only its grad-enabled forward; the tangent
     is computed in a :func:`scm.nn.float32_region`, and g, the weighting and the loss are float32 (docs/method.md,
     "Precision"). ``tangent_net`` is the module the JVP differentiates when ``net`` is a wrapper that forward-mode AD cannot see through (DistributedDataParallel).
-    ``noise`` fixes the batch's randomness (else drawn from ``generator``).
+    ``noise`` fixes the batch's randomness (else drawn from ``generator``). ``guidance``: the per-sample guidance
+    scale s that ``teacher`` applies (classifier-free guidance, :func:`scm.trigflow.guided_velocity`), fed to the
+    student too (paper App. G: sCD on ImageNet 512 samples s ~ U[1, s_max]).
     """
     cfg.validate()
     check_finite(x0, "x0")
@@ -261,7 +271,7 @@ def scm_loss(net: nn.Module, x0: Tensor, *, cfg: SCMConfig, step: int, teacher: 
     rng = _rng_state(x0.device) if cfg.share_dropout else None
     with float32_region(x0):
         F_minus, J = TANGENTS[cfg.tangent](tangent_net or net, x_t, t, dxt_dt, sigma_data=sigma_data,
-                                           class_labels=class_labels)
+                                           class_labels=class_labels, guidance=guidance)
 
     # g, warmed up and normalised (Alg. 1; §4.2).
     r = tangent_warmup(step, cfg.tangent_warmup_steps)
@@ -276,7 +286,7 @@ def scm_loss(net: nn.Module, x0: Tensor, *, cfg: SCMConfig, step: int, teacher: 
     # The grad-enabled forward and the loss: F_θ − stopgrad(F_θ) is 0 in value, so the gradient is −g·∂F/∂θ.
     if rng is not None:
         _set_rng_state(x0.device, rng)
-    F = net(x_t / sigma_data, t, class_labels).float()
+    F = call_net(net, x_t / sigma_data, t, class_labels, guidance).float()
     sq_err = _mean_dims((F - F.detach() - g) ** 2)
     w = weight_head(t) if weight_head is not None else None
     per_sample = adaptive_weighted(sq_err, w)

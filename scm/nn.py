@@ -89,19 +89,25 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 ATTENTION_OPS = {"math": attention_math, "sdpa": attention_sdpa}
 
 
+class PluggableAttention(nn.Module):
+    """An attention layer whose softmax attention runs through ``ATTENTION_OPS[self.op]`` (set by :func:`attention_op`)."""
+
+    op: str = "math"
+
+
 def set_attention_op(net: nn.Module, op: str) -> None:
-    """Select the attention op of every :class:`Attention` in ``net``."""
+    """Select the attention op of every :class:`PluggableAttention` in ``net``."""
     if op not in ATTENTION_OPS:
         raise ValueError(f"attention op must be one of {', '.join(ATTENTION_OPS)}, got {op!r}")
     for m in net.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, PluggableAttention):
             m.op = op
 
 
 @contextlib.contextmanager
 def attention_op(net: nn.Module, op: str) -> Iterator[None]:
     """Temporarily switch every attention layer of ``net`` to ``op`` (e.g. ``"math"`` for the JVP pass)."""
-    saved = [(m, m.op) for m in net.modules() if isinstance(m, Attention)]
+    saved = [(m, m.op) for m in net.modules() if isinstance(m, PluggableAttention)]
     set_attention_op(net, op)
     try:
         yield
@@ -230,7 +236,7 @@ class AdaDoubleNorm(nn.Module):
         return n * s + b, (n * s_t).add_(b_t).addcmul_(n_t, s)  # n_t·s + n·s_t + b_t, in place on one temporary
 
 
-class Attention(nn.Module):
+class Attention(PluggableAttention):
     """Multi-head self-attention over the pixels of a feature map, with a pluggable op."""
 
     def __init__(self, channels: int, num_heads: int, groups: int, op: str = "math"):
@@ -291,34 +297,46 @@ class ResBlock(nn.Module):
 
 
 class Conditioning(nn.Module):
-    """emb = MLP(PosEmb(t)) (+ label embedding): the shared conditioning vector of every block."""
+    """emb = MLP(PosEmb(t)) (+ label embedding) (+ guidance embedding): the shared conditioning vector of every block.
 
-    def __init__(self, base_channels: int, emb_channels: int, num_classes: int):
+    The guidance scale s of sCD's classifier-free guidance enters through its own positional embedding and linear
+    layer, added like the label (paper App. G, ImageNet 512); s = 1 (no guidance) when not given.
+    """
+
+    def __init__(self, base_channels: int, emb_channels: int, num_classes: int, guidance: bool = False):
         super().__init__()
         self.pos = PositionalEmbedding(base_channels)
         self.mlp = nn.Sequential(nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
         self.num_classes = num_classes
         # Index num_classes is the "no label" token (label dropout / classifier-free guidance).
         self.label = nn.Embedding(num_classes + 1, emb_channels) if num_classes > 0 else None
+        self.guidance = nn.Sequential(PositionalEmbedding(base_channels), nn.Linear(base_channels, emb_channels)) if guidance else None
+        if self.guidance is not None:  # zero at first: a student copied from its teacher starts as the teacher at every s
+            nn.init.zeros_(self.guidance[1].weight)
+            nn.init.zeros_(self.guidance[1].bias)
 
-    def forward(self, t: Tensor, class_labels: Tensor | None) -> Tensor:
-        with float32_region(t):
-            emb = self.mlp(self.pos(t))
+    def _extra(self, emb: Tensor, t: Tensor, class_labels: Tensor | None, guidance: Tensor | None) -> Tensor:
+        """emb plus the label and guidance embeddings (neither depends on t, so neither has a tangent)."""
         if self.label is not None:
             if class_labels is None:
                 class_labels = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
             emb = emb + self.label(class_labels)
-        return nnf.silu(emb)
+        if self.guidance is not None:
+            s = torch.ones_like(t) if guidance is None else guidance.to(t.dtype).expand_as(t)
+            with float32_region(t):
+                emb = emb + self.guidance(s)
+        return emb
 
-    def _jvp(self, t: Tensor, t_t: Tensor, class_labels: Tensor | None) -> Pair:
+    def forward(self, t: Tensor, class_labels: Tensor | None, guidance: Tensor | None = None) -> Tensor:
+        with float32_region(t):
+            emb = self.mlp(self.pos(t))
+        return nnf.silu(self._extra(emb, t, class_labels, guidance))
+
+    def _jvp(self, t: Tensor, t_t: Tensor, class_labels: Tensor | None, guidance: Tensor | None = None) -> Pair:
         with float32_region(t):
             emb = self.pos._jvp(t, t_t)
             emb = _affine_jvp(self.mlp[2], *_silu_jvp(*_affine_jvp(self.mlp[0], *emb)))
-        if self.label is not None:
-            if class_labels is None:
-                class_labels = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
-            emb = (emb[0] + self.label(class_labels), emb[1])
-        return _silu_jvp(*emb)
+        return _silu_jvp(self._extra(emb[0], t, class_labels, guidance), emb[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,6 +356,7 @@ class UNetConfig:
     dropout: float = 0.0
     num_classes: int = 0
     groups: int = 8
+    guidance_embedding: bool = False  # sCD students of guided teachers take the guidance scale s
 
     def validate(self) -> None:
         for name in ("in_channels", "model_channels", "num_blocks", "num_heads", "groups"):
@@ -366,7 +385,7 @@ class UNet(nn.Module):
         self.cfg = cfg
         C, emb_ch = cfg.model_channels, cfg.model_channels * 4
         block = dict(emb_ch=emb_ch, dropout=cfg.dropout, groups=cfg.groups, num_heads=cfg.num_heads)
-        self.cond = Conditioning(C, emb_ch, cfg.num_classes)
+        self.cond = Conditioning(C, emb_ch, cfg.num_classes, cfg.guidance_embedding)
         self.conv_in = nn.Conv2d(cfg.in_channels, C, 3, padding=1)
         self.down = nn.ModuleList()
         skips, ch = [C], C
@@ -389,10 +408,11 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.groups, ch)
         self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
 
-    def forward(self, x_hat: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x_hat: Tensor, t: Tensor, class_labels: Tensor | None = None,
+                guidance: Tensor | None = None) -> Tensor:
         if (duals := _unpack_duals(self, x_hat, t)) is not None:
-            return fwAD.make_dual(*self._jvp(*duals, class_labels))
-        emb = self.cond(t, class_labels)
+            return fwAD.make_dual(*self._jvp(*duals, class_labels, guidance))
+        emb = self.cond(t, class_labels, guidance)
         with _backbone_autocast(self, x_hat):
             h = self.conv_in(x_hat)
             hs = [h]
@@ -411,9 +431,9 @@ class UNet(nn.Module):
                     h = m(h)
             return self.conv_out(nnf.silu(self.norm_out(h)))
 
-    def _jvp(self, x_hat: Pair, t: Pair, class_labels: Tensor | None) -> Pair:
+    def _jvp(self, x_hat: Pair, t: Pair, class_labels: Tensor | None, guidance: Tensor | None = None) -> Pair:
         """forward() on (primal, tangent) pairs (see "Forward-mode fast path")."""
-        emb = self.cond._jvp(*t, class_labels)
+        emb = self.cond._jvp(*t, class_labels, guidance)
         h = _affine_jvp(self.conv_in, *x_hat)
         hs = [h]
         for m in self.down:
@@ -444,6 +464,7 @@ class MLPConfig:
     dropout: float = 0.0
     num_classes: int = 0
     groups: int = 8
+    guidance_embedding: bool = False
 
 
 class MLPBlock(nn.Module):
@@ -472,25 +493,26 @@ class MLP(nn.Module):
         if cfg.width % cfg.groups:
             raise ValueError(f"MLPConfig.width ({cfg.width}) must be divisible by groups ({cfg.groups})")
         self.cfg = cfg
-        self.cond = Conditioning(cfg.width, cfg.width, cfg.num_classes)
+        self.cond = Conditioning(cfg.width, cfg.width, cfg.num_classes, cfg.guidance_embedding)
         self.inp = nn.Linear(cfg.dim, cfg.width)
         self.blocks = nn.ModuleList([MLPBlock(cfg.width, cfg.width, cfg.dropout, cfg.groups) for _ in range(cfg.depth)])
         self.norm_out = nn.GroupNorm(cfg.groups, cfg.width)
         self.out = nn.Linear(cfg.width, cfg.dim)
 
-    def forward(self, x_hat: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x_hat: Tensor, t: Tensor, class_labels: Tensor | None = None,
+                guidance: Tensor | None = None) -> Tensor:
         if (duals := _unpack_duals(self, x_hat, t)) is not None:
-            return fwAD.make_dual(*self._jvp(*duals, class_labels))
-        emb = self.cond(t, class_labels)
+            return fwAD.make_dual(*self._jvp(*duals, class_labels, guidance))
+        emb = self.cond(t, class_labels, guidance)
         with _backbone_autocast(self, x_hat):
             h = self.inp(x_hat)
             for block in self.blocks:
                 h = block(h, emb)
             return self.out(nnf.silu(self.norm_out(h)))
 
-    def _jvp(self, x_hat: Pair, t: Pair, class_labels: Tensor | None) -> Pair:
+    def _jvp(self, x_hat: Pair, t: Pair, class_labels: Tensor | None, guidance: Tensor | None = None) -> Pair:
         """forward() on (primal, tangent) pairs (see "Forward-mode fast path")."""
-        emb = self.cond._jvp(*t, class_labels)
+        emb = self.cond._jvp(*t, class_labels, guidance)
         h = _affine_jvp(self.inp, *x_hat)
         for block in self.blocks:
             h = block._jvp(*h, *emb)
@@ -525,14 +547,16 @@ class AdaptiveWeight(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Named model scales (the table: scm/scales.py).
+# The named scales that are this U-Net (the table: scm/scales.py).
 
 
 def unet_config(scale: str, *, in_channels: int, dropout: float = 0.0, num_classes: int = 0) -> UNetConfig:
-    """The :class:`UNetConfig` of a named scale."""
+    """The :class:`UNetConfig` of a named scale whose network is this U-Net (``scm.networks`` covers them all)."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r} (accepted: {', '.join(SCALES)})")
     s = SCALES[scale]
+    if s.network != "unet":
+        raise ValueError(f"scale {scale!r} is a {s.network} network, not this U-Net (use scm.networks.network_config)")
     return UNetConfig(in_channels=in_channels, model_channels=s.model_channels, channel_mult=s.channel_mult,
                       num_blocks=s.num_blocks, attn_levels=s.attn_levels, num_heads=s.num_heads, dropout=dropout,
                       num_classes=num_classes, groups=8)
@@ -540,9 +564,3 @@ def unet_config(scale: str, *, in_channels: int, dropout: float = 0.0, num_class
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def scale_param_count(scale: str, in_channels: int = 4) -> int:
-    """Parameter count of a scale's U-Net, built on the meta device (no memory, so XXL is cheap to count)."""
-    with torch.device("meta"):
-        return count_params(UNet(unet_config(scale, in_channels=in_channels)))

@@ -30,13 +30,15 @@ class GaussianMixture:
         means[:, 0], means[:, 1] = radius * torch.cos(angles), radius * torch.sin(angles)
         return GaussianMixture(means, torch.full((k,), std, dtype=dtype), torch.full((k,), 1 / k, dtype=dtype))
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+    def sample(self, n: int, generator: torch.Generator | None = None, labels: Tensor | None = None) -> Tensor:
+        """``n`` draws; with ``labels`` (N,), draw i comes from component ``labels[i]`` (the components as classes)."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator) if labels is None else labels
         eps = torch.randn(n, self.means.shape[1], generator=generator, dtype=self.means.dtype)
         return self.means[k] + self.stds[k, None] * eps
 
-    def posterior_mean(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-        """E[x0 | α·x0 + σ·ε = x] for per-sample α, σ of shape (N,) (or scalars)."""
+    def posterior_mean(self, x: Tensor, alpha: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:
+        """E[x0 | α·x0 + σ·ε = x] for per-sample α, σ of shape (N,) (or scalars); with ``labels``, E[x0 | x, k]
+        for component k = labels[i] (class-conditional)."""
         x = x.to(self.means.dtype)
         a = append_dims(torch.as_tensor(alpha, dtype=x.dtype).expand(x.shape[0]), 3)  # (N, 1, 1)
         s = append_dims(torch.as_tensor(sigma, dtype=x.dtype).expand(x.shape[0]), 3)
@@ -45,15 +47,18 @@ class GaussianMixture:
         D = x.shape[1]
         log_r = torch.log(self.weights)[None] - 0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * D * torch.log(var[..., 0])
         r = torch.softmax(log_r, dim=1)  # (N, K) responsibilities
+        if labels is not None:
+            r = torch.nn.functional.one_hot(labels, len(self.weights)).to(r.dtype)
         x0_k = self.means[None] + a * self.stds[None, :, None] ** 2 / var * diff  # (N, K, D)
         return (r[..., None] * x0_k).sum(1)
 
     def trigflow_velocity(self, sigma_data: float):
-        """The exact PF-ODE velocity σ_d F(x_t, t) = (cos t·x_t − E[x0 | x_t])/sin t for x_t = cos t·x0 + sin t·z."""
+        """The exact PF-ODE velocity σ_d F(x_t, t) = (cos t·x_t − E[x0 | x_t])/sin t for x_t = cos t·x0 + sin t·z;
+        called with ``labels``, the class-conditional one (E[x0 | x_t, k])."""
 
-        def velocity_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        def velocity_fn(x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
             t64 = t.to(self.means.dtype)
-            x0_hat = self.posterior_mean(x_t, torch.cos(t64), sigma_data * torch.sin(t64))
+            x0_hat = self.posterior_mean(x_t, torch.cos(t64), sigma_data * torch.sin(t64), labels)
             c, s = append_dims(torch.cos(t64), 2), append_dims(torch.sin(t64), 2)
             return ((c * x_t.to(x0_hat.dtype) - x0_hat) / s).to(x_t.dtype)
 

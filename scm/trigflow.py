@@ -92,6 +92,13 @@ def velocity(net: Callable[..., Tensor], x_t: Tensor, t: Tensor, sigma_data: flo
     return sigma_data * net(x_t / sigma_data, t, class_labels)
 
 
+def guided_velocity(v_cond: Tensor, v_uncond: Tensor, s: Tensor | float) -> Tensor:
+    """Classifier-free guidance of the PF-ODE velocity: v_u + s·(v_c − v_u), s per sample (s = 1: the conditional
+    velocity). sCD distils the guided teacher's ODE with s ~ U[1, s_max] (paper App. G, ImageNet 512)."""
+    s = append_dims(torch.as_tensor(s, dtype=v_cond.dtype, device=v_cond.device).expand(v_cond.shape[0]), v_cond.ndim)
+    return v_uncond + s * (v_cond - v_uncond)
+
+
 def consistency_fn(x_t: Tensor, t: Tensor, sigma_data_F: Tensor) -> Tensor:
     """The consistency function f_θ(x_t, t) = cos t·x_t − sin t·σ_d F_θ (paper Eq. 5); f_θ(x, 0) = x exactly.
 

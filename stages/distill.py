@@ -19,18 +19,20 @@ from typing import Any
 
 import torch
 
+from scm import networks
 from scm.losses import SCMConfig, scm_loss
 from scm.scales import SCALES
 from scm.trigflow import velocity
 from study import distributed
 from study.checkpoint import checkpoint_root, run_checkpointer
 from study.cli import add_params_args, add_training_args, cli, load_args
+from study.errors import StageError
 from study.files import atomic_output_dir, check_paths, write_json, write_provenance
 from study.latents import load_latents
 from study.models import MODEL_FILE, load_model, save_model
 from study.params import BaseParams, DistillParams, to_plain
 from study.runtime import amp_dtype
-from study.training import TrainSpec, train, write_history
+from study.training import TrainSpec, make_optimizer, train, write_history
 
 
 def scm_config(params: DistillParams, sigma_data: float) -> SCMConfig:
@@ -41,14 +43,16 @@ def scm_config(params: DistillParams, sigma_data: float) -> SCMConfig:
                      share_dropout=True)
 
 
-def student_from_teacher(teacher: torch.nn.Module, dropout: float, seed: int) -> torch.nn.Module:
+def student_from_teacher(teacher: torch.nn.Module, dropout: float, seed: int,
+                         levels: tuple[int, ...] = ()) -> torch.nn.Module:
     """The student: a trainable copy of the teacher's EMA (App. G.2: "We always initialize the CM from the EMA
-    parameters of the teacher") with the distill stage's dropout."""
+    parameters of the teacher") with the distill stage's dropout (at ``levels`` only, if given)."""
     torch.manual_seed(seed)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
-    for m in student.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = dropout
+    try:
+        networks.set_dropout(student, dropout, levels)
+    except ValueError as e:
+        raise StageError(f"distill.dropout_levels: {e}") from None
     return student
 
 
@@ -62,7 +66,7 @@ def distill_spec(params: DistillParams, sigma_data: float, scale: str, seed: int
         name=f"distill-{scale}", section="distill", settings=params, seed=seed + 1000,
         objective=lambda net_dp, head_dp: lambda step, x0, noise: scm_loss(
             net_dp, x0, cfg=cfg, step=step, teacher=teacher_v, weight_head=head_dp, noise=noise, tangent_net=student),
-        optimizer=lambda p: torch.optim.RAdam(p, lr=params.lr, betas=(0.9, 0.99), eps=1e-8))
+        optimizer=make_optimizer(params))
 
 
 def run(params: DistillParams, base: BaseParams, scale: str, latents_dir: Path, teacher_dir: Path,
@@ -73,10 +77,11 @@ def run(params: DistillParams, base: BaseParams, scale: str, latents_dir: Path, 
     With ``checkpoint_root``, training checkpoints go to ``checkpoint_root/distill-<scale>`` and a re-run resumes.
     """
     start = time.perf_counter()
+    params = params.at(scale)  # per-scale values (distill.dropout: {S: 0.0, M: 0.1}) for this scale
     data = load_latents(latents_dir)
     teacher, meta = load_model(teacher_dir, expect_shape=data.shape, expect_scale=scale, device=device)
 
-    student = student_from_teacher(teacher, params.dropout, base.seed)
+    student = student_from_teacher(teacher, params.dropout, base.seed, params.dropout_levels)
     student.amp_dtype = amp_dtype(base.precision, device)
     spec = distill_spec(params, base.sigma_data, scale, base.seed, teacher, student)
     ckpt = run_checkpointer(checkpoint_root, spec.name, params.checkpoint_every, stage="distill", params=params,
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_training_args(parser, SCALES)
     parser.add_argument("--teacher", type=Path, required=True, help="teacher stage output directory")
     args = parser.parse_args(argv)
-    p = load_args(args)
+    p = load_args(args).at(args.scale)  # per-scale values for this scale
     check_paths(inputs={"--latents": args.latents, "--teacher": args.teacher},
                 outputs={"--out": args.out, "--metrics": args.metrics, "--history": args.history})
     m = distributed.run_on_ranks(p.base, lambda dist, device: run(

@@ -34,7 +34,7 @@ from study.latents import Latents, load_latents
 from study.models import MODEL_FILE, build_net, load_model, save_model
 from study.params import BaseParams, TeacherParams, to_plain
 from study.runtime import amp_dtype
-from study.training import TrainSpec, train, write_history
+from study.training import TrainSpec, make_optimizer, train, write_history
 
 
 DIFFUSERS_DIR = "diffusers"  # teacher.source: ddpm also writes the UNet2DModel and its scheduler here
@@ -67,30 +67,33 @@ def run(params: TeacherParams, base: BaseParams, scale: str, latents_dir: Path, 
     start = time.perf_counter()
     if scale not in SCALES:
         raise StageError(f"scale {scale!r}: unknown (accepted: {', '.join(SCALES)})")
+    params = params.at(scale)  # per-scale values (teacher.steps: {S: ..., M: ...}) for this scale
     data = load_latents(latents_dir)
     result, ckpt = None, None
     if params.source == "train":
-        # A fresh network from the seed; the diffusion loss (paper Eq. 4); Adam.
+        # A fresh network from the seed; the diffusion loss (paper Eq. 4); the optimiser of teacher.optimizer.
         torch.manual_seed(base.seed)
-        net = build_net(scale, data.shape, params.dropout).to(device)
+        net = build_net(scale, data.shape, params.dropout, params.dropout_levels, width=base.width, name="teacher").to(device)
         net.amp_dtype = amp_dtype(base.precision, device)
         spec = TrainSpec(
             name=f"teacher-{scale}", section="teacher", settings=params, seed=base.seed,
             objective=lambda net_dp, head_dp: lambda step, x0, noise: diffusion_loss(
                 net_dp, x0, sigma_data=base.sigma_data, P_mean=params.P_mean, P_std=params.P_std, weight_head=head_dp,
                 noise=noise),
-            optimizer=lambda p: torch.optim.Adam(p, lr=params.lr, betas=(0.9, 0.999), eps=1e-8))
+            optimizer=make_optimizer(params))
     elif params.source == "ddpm":
+        if params.dropout_levels:
+            raise StageError("teacher.dropout_levels: teacher.source 'ddpm' (a UNet2DModel) drops out everywhere; leave it []")
         # diffusers' DDPM recipe on a UNet2DModel of this scale's widths: the data scaled to unit variance
         # (x0/σ_d), integer timesteps, DDPMScheduler.add_noise, ε-MSE; Adam.
         torch.manual_seed(base.seed)
-        net = diffusers_models.ddpm_unet(scale, data.shape, params.dropout).to(device)
+        net = diffusers_models.ddpm_unet(scale, data.shape, params.dropout, base.width).to(device)
         scheduler = diffusers_models.ddpm_scheduler()
         spec = TrainSpec(
             name=f"teacher-{scale}", section="teacher", settings=params, seed=base.seed,
             objective=lambda net_dp, head_dp: lambda step, x0, noise: diffusers_models.ddpm_loss(
                 net_dp, scheduler, x0 / base.sigma_data, noise),
-            optimizer=lambda p: torch.optim.Adam(p, lr=params.lr, betas=(0.9, 0.999), eps=1e-8))
+            optimizer=make_optimizer(params))
     if params.source in ("train", "ddpm"):
         ckpt = run_checkpointer(checkpoint_root, spec.name, params.checkpoint_every, stage="teacher", params=params,
                                 base=base, inputs=[Path(latents_dir) / "latents.safetensors"])
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_params_args(parser)
     add_training_args(parser, SCALES)
     args = parser.parse_args(argv)
-    p = load_args(args)
+    p = load_args(args).at(args.scale)  # per-scale values for this scale
     check_paths(inputs={"--latents": args.latents},
                 outputs={"--out": args.out, "--metrics": args.metrics, "--history": args.history})
     m = distributed.run_on_ranks(p.base, lambda dist, device: run(

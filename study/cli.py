@@ -30,10 +30,12 @@ def add_params_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_args(args: argparse.Namespace) -> Params:
-    """Load params from parsed :func:`add_params_args` arguments; with --dry-run print them and exit."""
+    """Load params from parsed :func:`add_params_args` arguments; with --dry-run print them and exit (resolved for
+    ``--scale`` where the stage has one: the per-scale values become that scale's)."""
     params = load(args.params, args.profile, args.overrides)
     if getattr(args, "dry_run", False):
-        print(yaml.safe_dump(params.to_dict(), sort_keys=False), end="")
+        shown = params.at(args.scale) if getattr(args, "scale", None) else params
+        print(yaml.safe_dump(shown.to_dict(), sort_keys=False), end="")
         raise SystemExit(0)
     print(f"{args.stage_name}: {selection(args.params, params, args.overrides)}", flush=True)  # every stage's first line
     return params

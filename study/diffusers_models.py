@@ -100,14 +100,15 @@ class TrigFlowUNet2D(nn.Module):
 DDPM_TIMESTEPS = 1000
 
 
-def ddpm_unet(scale: str, data_shape: tuple[int, ...], dropout: float = 0.0) -> nn.Module:
-    """A ``UNet2DModel`` of the widths of the project's scale ``scale`` (:data:`scm.scales.SCALES`)."""
+def ddpm_unet(scale: str, data_shape: tuple[int, ...], dropout: float = 0.0, width: int = 0) -> nn.Module:
+    """A ``UNet2DModel`` of the widths of the project's scale ``scale`` (:data:`scm.scales.SCALES`); ``width`` > 0
+    replaces its base width."""
     from diffusers import UNet2DModel
 
     from scm.scales import SCALES
 
     s = SCALES[scale]
-    widths = [s.model_channels * m for m in s.channel_mult]
+    widths = [(width or s.model_channels) * m for m in s.channel_mult]
     factor = 2 ** (len(widths) - 1)
     if any(n % factor for n in data_shape[1:]):
         raise StageError(f"teacher.source='ddpm': a UNet2DModel of scale {scale} halves the resolution "

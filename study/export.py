@@ -40,6 +40,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from scm import networks
 from scm import nn as scm_nn
 from scm import samplers
 from scm.constants import T_MID
@@ -70,11 +71,12 @@ class SCMUNet2DModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, in_channels: int = 1, model_channels: int = 32, channel_mult: tuple[int, ...] = (1, 2),
                  num_blocks: int = 1, attn_levels: tuple[int, ...] = (), num_heads: int = 1, dropout: float = 0.0,
-                 num_classes: int = 0, groups: int = 8, sigma_data: float = 0.5):
+                 num_classes: int = 0, groups: int = 8, guidance_embedding: bool = False, sigma_data: float = 0.5):
         super().__init__()
         cfg = scm_nn.UNetConfig(in_channels=in_channels, model_channels=model_channels,
                                 channel_mult=tuple(channel_mult), num_blocks=num_blocks, attn_levels=tuple(attn_levels),
-                                num_heads=num_heads, dropout=dropout, num_classes=num_classes, groups=groups)
+                                num_heads=num_heads, dropout=dropout, num_classes=num_classes, groups=groups,
+                                guidance_embedding=guidance_embedding)
         self.net = scm_nn.UNet(cfg)
 
     @property
@@ -111,7 +113,23 @@ class SCMTrigFlowUNet2DModel(ModelMixin, ConfigMixin):
         return int(self.config.unet2d.get("num_class_embeds") or 0)
 
 
-STUDENT_MODELS = {cls.__name__: cls for cls in (SCMUNet2DModel, SCMTrigFlowUNet2DModel)}
+class SCMNetworkModel(ModelMixin, ConfigMixin):
+    """A student of EDM2's U-Net or DDPM++ (:mod:`scm.networks`: ``kind`` and its ``network`` config) as a diffusers
+    model whose output is σ_d·F_θ(x_t/σ_d, t), like :class:`SCMUNet2DModel`."""
+
+    @register_to_config
+    def __init__(self, kind: str = "mpunet", network: dict | None = None, sigma_data: float = 0.5):
+        super().__init__()
+        self.net = networks.build(networks.from_plain(kind, network or {}))
+
+    forward = SCMUNet2DModel.forward
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.net.cfg.num_classes)
+
+
+STUDENT_MODELS = {cls.__name__: cls for cls in (SCMUNet2DModel, SCMTrigFlowUNet2DModel, SCMNetworkModel)}
 
 
 class SCMPipeline(DiffusionPipeline):
@@ -208,8 +226,11 @@ def build_pipeline(student_dir: Path, latents_dir: Path, *, t_mid: float = T_MID
         described = diffusers_models.describe(net)
         unet = SCMTrigFlowUNet2DModel(**{k: described[k] for k in ("unet2d", "alphas_cumprod", "prediction", "data_scale",
                                                                    "sigma_data")})
-    else:
+    elif isinstance(net, scm_nn.UNet):
         unet = SCMUNet2DModel(**asdict(net.cfg), sigma_data=sigma_data)
+    else:
+        plain = networks.to_plain(net)
+        unet = SCMNetworkModel(kind=plain["kind"], network=plain["config"], sigma_data=sigma_data)
     unet.net.load_state_dict(net.state_dict())
     return SCMPipeline(unet=unet.eval(), scheduler=SCMScheduler(sigma_data=sigma_data), vae=codec.vae,
                        image_shape=list(codec.image_shape), latent_mean=codec.mean.tolist(),

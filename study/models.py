@@ -1,14 +1,14 @@
 """Networks on disk: one self-describing safetensors file per model.
 
 A model file holds the weights plus, in the safetensors metadata, the JSON network description (scale, network
-config, latent shape, σ_d). It is never a pickle, so loading runs no code. Two kinds of network: the project's U-Net
-(:class:`scm.nn.UNet`, metadata key ``unet``) and a diffusers ``UNet2DModel`` teacher behind its TrigFlow adapter
-(``"kind": "diffusers-unet2d"``, :mod:`study.diffusers_models`); both are called ``net(x_hat, t, class_labels)``.
+config, latent shape, σ_d). It is never a pickle, so loading runs no code. The kinds of network: the project's U-Net
+(:class:`scm.nn.UNet`, metadata key ``unet``), EDM2's U-Net and DDPM++ (``"kind": "mpunet" | "ddpmpp"`` with the
+config under ``network``, :mod:`scm.networks`), and a diffusers ``UNet2DModel`` teacher behind its TrigFlow adapter
+(``"kind": "diffusers-unet2d"``, :mod:`study.diffusers_models`); all are called ``net(x_hat, t, class_labels)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from scm import networks
 from scm import nn as scm_nn
 from study.errors import StageError
 from study.files import atomic_replace_file
@@ -26,21 +27,41 @@ MODEL_FILE = "model.safetensors"
 KIND_DIFFUSERS = "diffusers-unet2d"  # study.diffusers_models.KIND (not imported: diffusers loads only when needed)
 
 
-def build_net(scale: str, latent_shape: tuple[int, ...], dropout: float = 0.0) -> scm_nn.UNet:
+KINDS = ("unet", *(k for k in networks.NETWORKS if k != "unet"), KIND_DIFFUSERS)
+
+
+def build_net(scale: str, latent_shape: tuple[int, ...], dropout: float = 0.0, dropout_levels: tuple[int, ...] = (),
+              *, width: int = 0, name: str = "teacher") -> nn.Module:
+    """A freshly initialised network of ``scale`` (:data:`scm.scales.SCALES`) for latents of ``latent_shape``.
+
+    ``width`` > 0 replaces the scale's base width (``base.width``). The scale names are checked when params.yaml is
+    loaded; what can still be wrong is the dropout levels, so errors name ``<name>.dropout_levels``."""
+    if scale not in networks.SCALES:
+        raise StageError(f"base.scales: unknown scale {scale!r} (accepted: {', '.join(networks.SCALES)})")
     try:
-        return scm_nn.UNet(scm_nn.unet_config(scale, in_channels=latent_shape[0], dropout=dropout))
+        return networks.build(networks.network_config(scale, in_channels=latent_shape[0], dropout=dropout,
+                                                      dropout_levels=dropout_levels, model_channels=width))
     except ValueError as e:
-        raise StageError(f"base.scales: {e}") from None
+        raise StageError(f"{name}.dropout_levels: {e}") from None
+
+
+def describe(net: nn.Module) -> dict[str, Any]:
+    """The metadata that rebuilds ``net``'s architecture: ``{"unet": cfg}`` for the project's U-Net (the format
+    of earlier model files), ``{"kind": ..., "network": cfg}`` for the other families."""
+    from study import diffusers_models
+
+    if isinstance(net, diffusers_models.TrigFlowUNet2D):
+        return diffusers_models.describe(net)
+    plain = networks.to_plain(net)
+    if plain["kind"] == "unet":
+        return {"unet": plain["config"]}
+    return {"kind": plain["kind"], "network": plain["config"]}
 
 
 def save_model(path: Path, net: nn.Module, meta: dict[str, Any]) -> None:
     """Weights + JSON description in one safetensors file, written atomically."""
-    from study import diffusers_models
-
-    meta = {k: v for k, v in meta.items() if k not in ("unet", "kind", "unet2d", "alphas_cumprod")}
-    described = (diffusers_models.describe(net) if isinstance(net, diffusers_models.TrigFlowUNet2D)
-                 else {"unet": dataclasses.asdict(net.cfg)})
-    info = {**meta, **described, "n_params": scm_nn.count_params(net)}
+    meta = {k: v for k, v in meta.items() if k not in ("unet", "kind", "network", "unet2d", "alphas_cumprod")}
+    info = {**meta, **describe(net), "n_params": scm_nn.count_params(net)}
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     atomic_replace_file(Path(path), lambda tmp: save_file(state, str(tmp), metadata={"scm": json.dumps(info)}))
 
@@ -70,10 +91,12 @@ def read_model_meta(path: Path, *, name: str | None = None) -> dict[str, Any]:
         raise StageError(f"{who}: the 'scm' metadata is not valid JSON ({e})") from None
     if not isinstance(info, dict):
         raise StageError(f"{who}: the 'scm' metadata does not describe a network (not a JSON object)")
-    if info.get("kind", "unet") == "unet" and not isinstance(info.get("unet"), dict):
-        raise StageError(f"{who}: the 'scm' metadata does not describe a network (no 'unet' mapping)")
-    if info.get("kind", "unet") not in ("unet", KIND_DIFFUSERS):
-        raise StageError(f"{who}: the 'scm' metadata describes a network of unknown kind {_short(info.get('kind'))}")
+    kind = info.get("kind", "unet")
+    if kind not in KINDS:
+        raise StageError(f"{who}: the 'scm' metadata describes a network of unknown kind {_short(kind)}")
+    config_key = "unet" if kind == "unet" else "network" if kind in networks.NETWORKS else None
+    if config_key and not isinstance(info.get(config_key), dict):
+        raise StageError(f"{who}: the 'scm' metadata does not describe a network (no {config_key!r} mapping)")
     return info
 
 
@@ -127,8 +150,8 @@ def _build(meta: dict[str, Any]) -> nn.Module:
         from study import diffusers_models
 
         return diffusers_models.build(meta)
-    cfg = scm_nn.UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["unet"].items()})
-    return scm_nn.UNet(cfg)
+    kind = meta.get("kind", "unet")
+    return networks.build(networks.from_plain(kind, meta["unet"] if kind == "unet" else meta["network"]))
 
 
 def _shape_mismatch(path: Path, skeleton: nn.Module) -> str | None:

@@ -90,6 +90,7 @@ class BaseParams:
     sigma_data: float = bounded(**POSITIVE)  # σ_d (paper §3)
     device: str  # auto | cpu | cuda | cuda:N
     scales: tuple[str, ...]  # model scales run by the per-scale stages
+    width: int = bounded(lo=0)  # 0 = each scale's own base width; > 0 replaces it (a preset rehearsed on a CPU)
     threads: int = bounded(lo=0)  # torch intra-op threads; 0 = torch's default
     precision: Literal["fp32", "bf16"]  # training forward on CUDA: bf16 autocast; CPU always runs fp32
     checkpoint_dir: str  # training checkpoints (resume), per stage and scale; "" = none
@@ -145,23 +146,53 @@ class EncodeParams:
             raise StageError(f"{prefix}.latent_std: expected {len(self.latent_mean)} values like latent_mean, got {len(self.latent_std)}")
 
 
+PerScaleInt = int | dict[str, int]  # one value, or a value per scale name: {S: 1048576, M: 1048576, ...}
+PerScaleFloat = float | dict[str, float]
+
+
 @dataclass(frozen=True)
 class TrainingParams:
-    """What the one training loop (:func:`study.training.train`) reads: shared by the teacher and distill sections."""
+    """What the one training loop (:func:`study.training.train`) reads: shared by the teacher and distill sections.
 
-    steps: int = bounded(lo=1)
+    Keys typed ``PerScale*`` take one value or a mapping from scale name to value (the paper's per-scale settings,
+    App. G Tables 4-5); :meth:`at` resolves them for one scale, and the loader checks that each mapping names only
+    known scales and covers every scale in ``base.scales``.
+    """
+
+    steps: PerScaleInt = bounded(lo=1)
     batch_size: int = bounded(lo=1)  # the global batch of one optimiser step
-    lr: float = bounded(**POSITIVE)
-    lr_warmup_steps: int = bounded(lo=0)  # linear learning-rate warm-up, then constant
+    optimizer: Literal["adam", "radam"]
+    betas: tuple[float, ...] = bounded(lo=0.0, hi=1.0, hi_open=True)  # (β₁, β₂)
+    eps: float = bounded(**POSITIVE)  # the optimiser's ε (EDM2 and the paper's ImageNet runs: 1e-11)
+    lr: PerScaleFloat = bounded(**POSITIVE)  # the reference learning rate (EDM2's α_ref)
+    lr_warmup_steps: int = bounded(lo=0)  # linear ramp-up over this many steps
+    lr_schedule: Literal["constant", "inv_sqrt"]  # after the ramp-up: constant, or EDM2's α_ref/√max(step/t_ref, 1)
+    lr_ref_steps: int = bounded(lo=1)  # t_ref of inv_sqrt, in steps (paper IN512: 70,000; IN64: 35,000)
     P_mean: float  # log-normal time proposal: log(σ_d tan t) ~ N(P_mean, P_std²) (paper Alg. 1)
     P_std: float = bounded(**POSITIVE)
-    dropout: float = bounded(**FRACTION)
+    dropout: PerScaleFloat = bounded(**FRACTION)
+    dropout_levels: tuple[int, ...] = bounded(lo=0)  # network levels that drop out ([] = all; level 0 = full resolution)
     adaptive_weight: bool  # the uncertainty weighting w_φ(t) (paper Eq. 8)
-    ema_half_life_kimg: float = bounded(**POSITIVE)  # EMA half-life in thousands of images
+    ema: Literal["half_life", "power"]  # EMA of the weights: a half-life in images (EDM) or EDM2's power function
+    ema_half_life_kimg: PerScaleFloat = bounded(**POSITIVE)  # ema=half_life: half-life in thousands of images
+    ema_std: PerScaleFloat = bounded(lo=0.0, hi=0.289, lo_open=True, hi_open=True)  # ema=power: EDM2's σ_rel
     log_every: int = bounded(lo=1)
     checkpoint_every: int = bounded(lo=0)  # steps between resumable checkpoints in base.checkpoint_dir; 0 = none
     batch_per_device: int = bounded(lo=0)  # micro-batch per process (gradient accumulation); 0 = the whole share
     max_nonfinite_steps: int = bounded(lo=1)  # stop after this many skipped (non-finite) steps in a row
+
+    def validate(self, prefix: str) -> None:
+        if len(self.betas) != 2:
+            raise StageError(f"{prefix}.betas: expected two values (beta1, beta2), got {list(self.betas)}")
+
+    def at(self, scale: str) -> TrainingParams:
+        """These settings with every per-scale mapping replaced by its value for ``scale``."""
+        return dataclasses.replace(self, **{name: value[scale] for name, value in per_scale_values(self).items()})
+
+
+def per_scale_values(section: Any) -> dict[str, dict[str, Any]]:
+    """The keys of a params section that hold a mapping from scale name to value."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if isinstance(getattr(section, f.name), dict)}
 
 
 @dataclass(frozen=True)
@@ -262,6 +293,14 @@ class Params:
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile, **{k: to_plain(getattr(self, k)) for k in SECTIONS}}
 
+    def at(self, scale: str) -> Params:
+        """These params with the training sections' per-scale mappings resolved for ``scale``."""
+        for name in ("teacher", "distill"):
+            missing = [key for key, mapping in per_scale_values(getattr(self, name)).items() if scale not in mapping]
+            if missing:
+                raise StageError(f"{name}.{missing[0]}: no value for scale {scale!r}")
+        return dataclasses.replace(self, teacher=self.teacher.at(scale), distill=self.distill.at(scale))
+
 
 # Section name -> its dataclass, in params.yaml's order.
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Params)[f.name] for f in dataclasses.fields(Params)[1:]}
@@ -284,6 +323,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (tuple, list):
         return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict and get_args(tp):
+        return f"a mapping of scale name -> {_type_name(get_args(tp)[1])}"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
     if tp is type(None):
@@ -341,16 +382,22 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise bad
-        return dict(value)
+        args = get_args(tp)
+        if not args:
+            return dict(value)
+        return {_coerce(f"{key}.{k}", k, args[0]): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
 
 def _check_range(key: str, value: Any, meta: dict) -> None:
     if not meta or value is None:
         return
-    values = value if isinstance(value, tuple) else (value,)
+    if isinstance(value, dict):  # a per-scale mapping: each value, named by its scale
+        for scale, v in value.items():
+            _check_range(f"{key}.{scale}", v, meta)
+        return
     lo, hi = meta.get("lo"), meta.get("hi")
-    for v in values:
+    for v in value if isinstance(value, tuple) else (value,):
         if not isinstance(v, (int, float)):
             continue
         too_low = lo is not None and (v <= lo if meta["lo_open"] else v < lo)
@@ -460,6 +507,15 @@ def check_across_sections(p: Params) -> None:
     if p.sample.t_mid >= t_max:
         raise StageError(f"sample.t_mid: expected a value < t_max = arctan({SIGMA_MAX:g}/base.sigma_data) = {t_max:.4f}, "
                          f"got {p.sample.t_mid!r}")
+    for name in ("teacher", "distill"):
+        for key, mapping in per_scale_values(getattr(p, name)).items():
+            unknown = [s for s in mapping if s not in SCALES]
+            if unknown:
+                raise StageError(f"{name}.{key}.{unknown[0]}: unknown scale (accepted: {', '.join(SCALES)})")
+            missing = [s for s in p.base.scales if s not in mapping]
+            if missing:
+                raise StageError(f"{name}.{key}: no value for scale {missing[0]!r} (base.scales); give one value or "
+                                 f"one per scale")
     if p.evaluate.kid_subset_size > p.sample.num_samples:
         raise StageError(f"evaluate.kid_subset_size: expected a value <= sample.num_samples = {p.sample.num_samples}, "
                          f"got {p.evaluate.kid_subset_size}")

@@ -21,14 +21,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from scm.ema import EMA
+from scm.ema import EMA, PowerEMA
 from scm.losses import LossOutput, Noise, step_if_finite
 from scm.nn import AdaptiveWeight
 from study import distributed
 from study.checkpoint import Checkpointer, failpoint
 from study.errors import StageError
 from study.files import atomic_replace_file
-from study.params import TrainingParams
+from study.params import TrainingParams, per_scale_values
 from study.progress import bar as progress_bar
 
 
@@ -67,7 +67,7 @@ class Minibatches:
 
 @dataclass
 class TrainResult:
-    ema: EMA
+    ema: EMA | PowerEMA
     history: list[dict[str, float]]
     seconds: float  # training time over all attempts (resumed runs included)
     skipped_steps: int
@@ -96,6 +96,28 @@ class TrainSpec:
     seed: int  # minibatch order and noise
 
 
+def make_optimizer(settings: TrainingParams) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """The optimiser ``settings`` name (Adam or RAdam, with its betas and ε), for :attr:`TrainSpec.optimizer`."""
+    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[settings.optimizer]
+    return lambda params: cls(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps)
+
+
+def learning_rate(settings: TrainingParams, step: int) -> float:
+    """The learning rate of (0-based) ``step``: α_ref ramped up linearly over ``lr_warmup_steps``, then constant or
+    EDM2's inverse square-root decay α_ref/√max(step/t_ref, 1) (Karras et al. 2024, Eq. 5)."""
+    lr = settings.lr * (min(1.0, (step + 1) / settings.lr_warmup_steps) if settings.lr_warmup_steps else 1.0)
+    if settings.lr_schedule == "inv_sqrt":
+        lr /= math.sqrt(max(step / settings.lr_ref_steps, 1.0))
+    return lr
+
+
+def make_ema(net: nn.Module, settings: TrainingParams) -> EMA | PowerEMA:
+    """The EMA ``settings`` name: a half-life in images (EDM) or EDM2's power function with σ_rel = ``ema_std``."""
+    if settings.ema == "power":
+        return PowerEMA(net, std=settings.ema_std)
+    return EMA(net, half_life=settings.ema_half_life_kimg * 1000)
+
+
 def rng_state(device: torch.device, noise: torch.Generator) -> dict[str, Tensor]:
     state = {"torch": torch.get_rng_state(), "noise": noise.get_state()}
     if device.type == "cuda":
@@ -114,8 +136,9 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
           checkpoint: Checkpointer | None = None, progress: bool = True) -> TrainResult:
     """Train ``net`` on ``data`` as ``spec`` says, for ``spec.settings.steps`` optimiser steps.
 
-    - Progress is counted in images; the EMA has a half-life in images; the learning rate is a function of the step
-      (linear warm-up over ``lr_warmup_steps``, then constant), so it needs no scheduler state.
+    - Progress is counted in images; the EMA has a half-life in images or is EDM2's power function
+      (:func:`make_ema`); the learning rate is a function of the step (:func:`learning_rate`), so it needs no
+      scheduler state.
     - ``batch_size`` is the global batch. Under torchrun each rank takes its shard of the same global batch and noise
       and runs it in micro-batches of ``batch_per_device`` (:mod:`study.distributed`); DDP's gradient sync waits
       for the last micro-batch.
@@ -126,7 +149,10 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
       as an uninterrupted one, bit for bit.
     """
     settings = spec.settings
-    steps, batch_size, lr, warmup_steps = settings.steps, settings.batch_size, settings.lr, settings.lr_warmup_steps
+    unresolved = per_scale_values(settings)
+    if unresolved:
+        raise ValueError(f"{spec.name}: per-scale values ({', '.join(unresolved)}): resolve them with .at(scale) first")
+    steps, batch_size = settings.steps, settings.batch_size
     desc = spec.name
 
     # The adaptive weight w_φ (paper Eq. 8), the optimiser, and the data-parallel wrappers the objective calls.
@@ -142,7 +168,7 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
     # Batches, noise and the EMA.
     micro, rounds = distributed.micro_batches(batch_size, settings.batch_per_device, dist, name=spec.section)
     mine = distributed.shard(batch_size, dist)
-    ema = EMA(net, half_life=settings.ema_half_life_kimg * 1000)
+    ema = make_ema(net, settings)
     batches = Minibatches(len(data), batch_size, spec.seed)
     gen = torch.Generator(device=device).manual_seed(spec.seed + 1)
     history: list[dict[str, float]] = []
@@ -180,9 +206,9 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
     for step in bar:
         failpoint("step")
 
-        # Learning rate: linear warm-up, then constant.
+        # Learning rate: ramp-up, then constant or inverse square root.
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+            group["lr"] = learning_rate(settings, step)
 
         # The global batch and its noise, identical on every rank; this rank keeps its shard.
         index = next(batches)[mine]

@@ -39,7 +39,7 @@ def dvc_project(tmp_path_factory) -> Path:
     ("smoke", ["nosection.x=1"], None, "nosection: unknown section"),
     ("smoke", ["teacher.lr=-1"], None, "teacher.lr"),
     ("smoke", None, ["cpu-xs", "huge"], "base.scales: unknown scale 'huge'"),
-    ("cifar10-gpu", None, None, "pass -S 'base.scales=[S,M]'"),
+    ("cifar10-gpu", None, None, "pass -S 'base.scales=[ddpmpp]'"),
     ("smoke", ["profile=smoke"], None, "profile: choose it with the profile parameter"),
 ])
 def test_configure_names_the_bad_input_and_changes_nothing(params_dir, profile, overrides, scales, named):

@@ -109,3 +109,28 @@ def test_loading_runs_nothing_from_the_directory(tmp_path, exported):
     with pytest.raises(StageError, match=r"copy: cannot load the exported pipeline \(model_index.json names the "
                                          r"pipeline 'StableDiffusionPipeline', not an sCM export\)"):
         load_pipeline(copy)
+
+
+@pytest.mark.parametrize("scale", ["S", "ddpmpp"])
+def test_a_student_of_the_papers_networks_exports_and_gives_the_samplestage_images(tmp_path, scale):
+    from scm import networks
+    from study.models import save_model
+
+    latents = tiny_latents(tmp_path, "identity")
+    torch.manual_seed(1)
+    net = networks.build(networks.network_config(scale, in_channels=1, model_channels=8)).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # EDM2's output gain starts at 0, DDPM++'s last layers near 0
+            p.add_(0.05 * torch.randn_like(p))
+    student = tmp_path / "student"
+    student.mkdir()
+    save_model(student / "model.safetensors", net, {"role": "student-sct", "scale": scale, "latent_shape": [1, 8, 8],
+                                                    "sigma_data": 0.5})
+    index = export_pipeline(student, latents, tmp_path / "pipe")
+    assert index["unet"] == ["study.export", "SCMNetworkModel"]
+    pipe = load_pipeline(tmp_path / "pipe")
+    seeds = [5, 6, 7]
+    for steps, method in ((1, "scm1"), (2, "scm2")):
+        images = pipe(seeds=seeds, num_inference_steps=steps, output_type="pt").images
+        assert torch.equal(images, stage_images(latents, student, seeds, method))
+        assert images.float().std() > 0

@@ -11,7 +11,7 @@ from study.params import load, parse_overrides, resolve
 from helpers import default_raw
 
 
-@pytest.mark.parametrize("profile", ["default", "smoke", "cifar10-gpu", "imagenet512-gpu"])
+@pytest.mark.parametrize("profile", ["default", "smoke", "cifar10-gpu", "imagenet64-gpu", "imagenet512-gpu"])
 def test_every_profile_of_the_project_resolves(profile):
     p = load(REPO_ROOT / "params.yaml", profile)
     gpu = profile.endswith("-gpu")
@@ -155,7 +155,7 @@ def test_a_newline_in_an_error_cannot_forge_a_second_error_line(capsys):
     assert err.count("\n") == 1 and err.startswith("error: data/evil\\nerror: all is well")
 
 
-@pytest.mark.parametrize("profile", ["cifar10-gpu", "imagenet512-gpu"])
+@pytest.mark.parametrize("profile", ["cifar10-gpu", "imagenet64-gpu", "imagenet512-gpu"])
 def test_the_gpu_presets_evaluate_with_the_papers_protocol(profile):
     """FID on 50,000 samples against every prepared image, the minimum over 3 seed sets, the field's Inception on
     every set (EDM, EDM2 and the sCM paper report it so); FD-DINOv2 where the paper reports it (ImageNet 512)."""
@@ -203,3 +203,35 @@ def test_an_edited_top_level_value_that_the_profile_shadows_stops_the_run(tmp_pa
     (tmp_path / "committed").mkdir()
     committed = _git_project(tmp_path / "committed", text.replace("profile: default", "profile: smoke", 1))
     assert load(committed).distill.steps == 6
+
+
+def test_per_scale_values_resolve_for_each_scale_and_are_checked():
+    raw = default_raw()
+    p = resolve(raw, overrides=parse_overrides(["teacher.steps={cpu-xs: 10, cpu-s: 20}", "distill.dropout={cpu-xs: 0.1, cpu-s: 0.3}"]))
+    assert p.teacher.steps == {"cpu-xs": 10, "cpu-s": 20}
+    assert p.at("cpu-xs").teacher.steps == 10 and p.at("cpu-s").teacher.steps == 20
+    assert p.at("cpu-s").distill.dropout == 0.3 and p.at("cpu-s").distill.lr == p.distill.lr  # scalars stay as they are
+    for override, named in [
+        ("teacher.steps={cpu-xs: 10}", "teacher.steps: no value for scale 'cpu-s' (base.scales)"),
+        ("teacher.steps={cpu-xs: 10, cpu-s: 20, giant: 3}", "teacher.steps.giant: unknown scale"),
+        ("teacher.steps={cpu-xs: 10, cpu-s: 0}", "teacher.steps.cpu-s: expected a value >= 1, got 0"),
+        ("distill.dropout={cpu-xs: 0.1, cpu-s: 1.5}", "distill.dropout.cpu-s: expected a value >= 0.0 and < 1.0"),
+        ("teacher.steps={cpu-xs: ten, cpu-s: 20}", "teacher.steps: expected int or a mapping of scale name -> int"),
+        ("teacher.batch_size={cpu-xs: 8, cpu-s: 8}", "teacher.batch_size: expected int, got"),  # not a per-scale key
+    ]:
+        with pytest.raises(StageError, match=named.replace("(", r"\(").replace(")", r"\)")):
+            resolve(raw, overrides=parse_overrides([override]))
+
+
+def test_optimiser_schedule_and_ema_keys_are_checked():
+    raw = default_raw()
+    for override, named in [("teacher.optimizer=sgd", "teacher.optimizer: expected one of 'adam', 'radam'"),
+                            ("distill.betas=[0.9]", r"distill.betas: expected two values \(beta1, beta2\)"),
+                            ("distill.betas=[0.9, 1.0]", "distill.betas: expected a value >= 0.0 and < 1.0, got 1.0"),
+                            ("teacher.eps=0", "teacher.eps: expected a value > 0.0"),
+                            ("teacher.lr_schedule=cosine", "teacher.lr_schedule: expected one of 'constant', 'inv_sqrt'"),
+                            ("distill.ema=karras", "distill.ema: expected one of 'half_life', 'power'"),
+                            ("distill.ema_std=0.3", "distill.ema_std: expected a value > 0.0 and < 0.289"),
+                            ("distill.dropout_levels=[-1]", "distill.dropout_levels: expected a value >= 0")]:
+        with pytest.raises(StageError, match=named):
+            resolve(raw, overrides=parse_overrides([override]))

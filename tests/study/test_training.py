@@ -485,3 +485,53 @@ def test_huge_metadata_values_are_not_echoed_whole(model_file, tmp_path):
     forged = _with_meta(model_file, tmp_path / "long.safetensors", scale="x" * 2_000_000)
     msg = refused(forged, expect_scale="cpu-xs")
     assert len(msg) < 400 and "…" in msg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimiser, learning-rate schedule and EMA from params (the paper's per-experiment recipes).
+
+
+def test_learning_rate_ramp_constant_and_edm2_inverse_square_root():
+    from study.training import learning_rate
+
+    const = section("teacher", lr=0.01, lr_warmup_steps=4, lr_schedule="constant", lr_ref_steps=100)
+    assert [learning_rate(const, s) for s in (0, 1, 3, 500)] == [0.0025, 0.005, 0.01, 0.01]
+    inv = section("teacher", lr=0.01, lr_warmup_steps=0, lr_schedule="inv_sqrt", lr_ref_steps=100)
+    assert learning_rate(inv, 0) == learning_rate(inv, 100) == 0.01  # α_ref until t_ref
+    assert learning_rate(inv, 400) == pytest.approx(0.005)  # α_ref/√(400/100)
+    assert learning_rate(inv, 10_000) == pytest.approx(0.001)
+
+
+def test_optimiser_and_ema_come_from_params():
+    from scm.ema import EMA, PowerEMA
+    from study.training import make_ema, make_optimizer
+
+    net = nn.Linear(3, 1)
+    opt = make_optimizer(section("distill", optimizer="radam", lr=1e-4, betas=(0.9, 0.99), eps=1e-11))(list(net.parameters()))
+    assert isinstance(opt, torch.optim.RAdam)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99) and opt.param_groups[0]["eps"] == 1e-11
+    assert type(make_optimizer(section("teacher", optimizer="adam"))(list(net.parameters()))) is torch.optim.Adam
+    power = make_ema(net, section("teacher", ema="power", ema_std=0.05))
+    assert isinstance(power, PowerEMA) and power.std == 0.05
+    assert isinstance(make_ema(net, section("teacher", ema="half_life", ema_half_life_kimg=1.0)), EMA)
+
+
+def test_training_with_the_power_ema_and_inverse_square_root_schedule():
+    net, data, loss_fn, _ = _linear_problem(set())
+    settings = section("teacher", steps=6, batch_size=8, lr=0.01, lr_warmup_steps=2, lr_schedule="inv_sqrt",
+                       lr_ref_steps=2, ema="power", ema_std=0.1, log_every=1, adaptive_weight=False,
+                       batch_per_device=0, max_nonfinite_steps=3)
+    spec = TrainSpec(name="linear", section="teacher", settings=settings, seed=0,
+                     objective=lambda net_dp, head_dp: loss_fn, optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    result = train(net, spec, data, progress=False)
+    assert [round(r["lr"], 6) for r in result.history] == [0.005, 0.01, 0.01, 0.008165, 0.007071, 0.006325]
+    assert not torch.equal(result.ema.net.weight, net.weight)  # an average, not the last weights
+
+
+def test_train_refuses_unresolved_per_scale_settings():
+    net, data, loss_fn, _ = _linear_problem(set())
+    settings = section("teacher", steps={"cpu-xs": 3, "cpu-s": 4}, batch_size=8, log_every=1, adaptive_weight=False)
+    spec = TrainSpec(name="linear", section="teacher", settings=settings, seed=0,
+                     objective=lambda net_dp, head_dp: loss_fn, optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    with pytest.raises(ValueError, match=r"per-scale values \(steps\): resolve them with .at\(scale\)"):
+        train(net, spec, data, progress=False)

@@ -343,6 +343,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise bad
         return value
     if origin in (typing.Union, types.UnionType):
+        per_scale = [arg for arg in get_args(tp) if get_origin(arg) is dict]
+        if per_scale:  # a value or a per-scale mapping: the arm the value's shape picks reports its own error
+            scalar = [arg for arg in get_args(tp) if get_origin(arg) is not dict]
+            return _coerce(key, value, per_scale[0] if isinstance(value, dict) else scalar[0])
         for arg in get_args(tp):
             try:
                 return _coerce(key, value, arg)

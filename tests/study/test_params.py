@@ -216,7 +216,9 @@ def test_per_scale_values_resolve_for_each_scale_and_are_checked():
         ("teacher.steps={cpu-xs: 10, cpu-s: 20, giant: 3}", "teacher.steps.giant: unknown scale"),
         ("teacher.steps={cpu-xs: 10, cpu-s: 0}", "teacher.steps.cpu-s: expected a value >= 1, got 0"),
         ("distill.dropout={cpu-xs: 0.1, cpu-s: 1.5}", "distill.dropout.cpu-s: expected a value >= 0.0 and < 1.0"),
-        ("teacher.steps={cpu-xs: ten, cpu-s: 20}", "teacher.steps: expected int or a mapping of scale name -> int"),
+        ("teacher.steps={cpu-xs: ten, cpu-s: 20}", "teacher.steps.cpu-xs: expected int, got 'ten'"),
+        ("teacher.steps=ten", "teacher.steps: expected int, got 'ten'"),
+        ("distill.lr=.nan", "distill.lr: expected a finite float"),
         ("teacher.batch_size={cpu-xs: 8, cpu-s: 8}", "teacher.batch_size: expected int, got"),  # not a per-scale key
     ]:
         with pytest.raises(StageError, match=named.replace("(", r"\(").replace(")", r"\)")):

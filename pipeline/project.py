@@ -268,8 +268,8 @@ def write_params(cfg: Configuration) -> bool:
             _set_path(doc, keys, copy.deepcopy(value))
     buf = io.StringIO()
     rt.dump(doc, buf)
-    if buf.getvalue() == text:
-        return False
+    if buf.getvalue() == text or study_params.read_yaml(buf.getvalue()) == study_params.read_yaml(text):
+        return False  # nothing to record: the file stays as written (ruamel would re-wrap long flow mappings)
     written = study_params.resolve(study_params.read_yaml(buf.getvalue()))
     if written.to_dict() != cfg.params.to_dict():  # an invariant of the placement rules above
         raise AssertionError("params.yaml as written does not resolve to the requested configuration")

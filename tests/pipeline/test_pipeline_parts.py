@@ -49,6 +49,15 @@ def test_configure_names_the_bad_input_and_changes_nothing(params_dir, profile, 
     assert (params_dir / "params.yaml").read_text() == before
 
 
+def test_write_params_leaves_the_file_alone_when_nothing_changes(params_dir):
+    """`make repro` selects the default profile with no overrides: params.yaml, the repository's own (with its
+    multi-line preset mappings), is not rewritten."""
+    before = (params_dir / "params.yaml").read_text()
+    assert "\n              " in before  # a flow mapping continued on the next line, which a rewrite would re-wrap
+    assert not dvc_driver.write_params(dvc_driver.configure(params_dir, "default", None, None))
+    assert (params_dir / "params.yaml").read_text() == before
+
+
 def test_write_params_makes_the_stages_read_exactly_the_request(params_dir):
     cfg = dvc_driver.configure(params_dir, "smoke", ["distill.steps=4", "teacher.source=/elsewhere"], ["cpu-xs"])
     assert dvc_driver.write_params(cfg)

@@ -1,5 +1,5 @@
 # Two commands: `make repro` (set up, then run the default reproduction through DVC, Prefect and MLflow) and
-# `make test` (set up, then run the tests).
+# `make test` (set up, then run the tests). `make rehearse` runs the GPU presets end to end on CPU (CI runs it too).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install test repro bench clean
+.PHONY: install test rehearse repro bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not rehearsal"
+
+rehearse: install
+	$(BIN)/python -m pytest -m rehearsal  # tests/test_rehearsals.py: each GPU preset through dvc repro, shrunk
 
 repro: install
 	$(BIN)/python -m pipeline reproduce --profile default  # dvc repro of every stage, as a Prefect flow, into MLflow

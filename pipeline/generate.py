@@ -7,8 +7,9 @@
 
 ``generate`` takes a model file or directory of this project (with its codec, ``--latents``), an exported pipeline
 directory, or a registered MLflow model (``models:/name/version``, ``models:/name@alias``). Image i has seed
-``--seed`` + i, as in the sample stage (seed set k is ``--seed k·10⁶``), so the same seed gives the same image there
-and here: bit for bit with the stage's batches (``--batch-size`` = ``sample.batch_size``, 500 by default), else up to
+``--seed`` + i, as in the sample stage (seed set k is ``--seed k·10⁶``; a class-conditional image's label, unless
+``--labels`` gives them, is drawn from its seed as there; ``--guidance`` is a guided student's s), so the same seed
+gives the same image there and here: bit for bit with the stage's batches (``--batch-size`` = ``sample.batch_size``, 500 by default), else up to
 one gray level on a few pixels (the VAE's float sums depend on the batch). It writes one PNG per image
 (``seed<seed>.png``) and ``grid.png``; ``--out`` must not exist yet.
 """
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from scm.constants import T_MID
+from scm.samplers import labels_from_seeds
 from study.errors import StageError
 from study.files import atomic_output_dir, check_paths
 from study.images import save_grid
@@ -56,7 +58,11 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--n", type=int, default=16, help="images (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i has seed --seed + i (default 0)")
     p.add_argument("--labels", type=int, nargs="+", default=None,
-                   help="class labels (one, or one per image) for a class-conditional model")
+                   help="class labels (one, or one per image) for a class-conditional model (default: each image's "
+                        "label drawn from its seed, as the sample stage does)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale s of a student distilled with guidance (sCD, distill.guidance_max > 1); "
+                        "within [1, guidance_max] (default: the network's s = 1)")
     p.add_argument("--batch-size", type=int, default=500, help="images per batch (default 500, as sample.batch_size)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
@@ -128,8 +134,10 @@ def generate_main(args: argparse.Namespace) -> int:
         raise StageError(f"--out {args.out}: exists; generate writes a new directory")
     device = pick_device(args.device)
     pipe = load_any(args.model, args.latents, device, args.t_mid)
-    labels = _labels(args.labels, args.n, pipe.unet.num_classes)
     seeds = list(range(args.seed, args.seed + args.n))
+    labels = _labels(args.labels, seeds, pipe.unet.num_classes)
+    if args.guidance is not None and not pipe.unet.guidance_embedding:
+        raise StageError("--guidance: the student has no guidance input (distilled with distill.guidance_max = 1)")
 
     images = []
     chunks = range(0, args.n, args.batch_size)
@@ -137,7 +145,7 @@ def generate_main(args: argparse.Namespace) -> int:
         part = seeds[i:i + args.batch_size]
         batch_labels = labels[i:i + args.batch_size] if labels is not None else None
         images.append(pipe(seeds=part, num_inference_steps=args.steps, class_labels=batch_labels,
-                           output_type="pt").images)
+                           guidance_scale=args.guidance, output_type="pt").images)
     images = torch.cat(images)
 
     from PIL import Image
@@ -152,13 +160,15 @@ def generate_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labels(labels: list[int] | None, n: int, num_classes: int) -> torch.Tensor | None:
+def _labels(labels: list[int] | None, seeds: list[int], num_classes: int) -> torch.Tensor | None:
+    """The labels of ``seeds``' images: ``--labels`` as given, or each drawn from its seed like the sample stage's."""
+    n = len(seeds)
     if num_classes == 0:
         if labels is not None:
             raise StageError("--labels: the model is unconditional (no class embedding)")
         return None
     if labels is None:
-        raise StageError(f"--labels: the model is class-conditional ({num_classes} classes); give one label or {n}")
+        return labels_from_seeds(seeds, num_classes)
     if len(labels) not in (1, n) or any(not 0 <= c < num_classes for c in labels):
         raise StageError(f"--labels: give one label or {n}, each in 0..{num_classes - 1}")
     return torch.tensor(labels * n if len(labels) == 1 else labels, dtype=torch.int64)

@@ -44,7 +44,9 @@ def adaptive_weighted(sq_err: Tensor, w: Tensor | None) -> Tensor:
 
 @dataclass
 class Noise:
-    """The standard normals behind one batch: ``u`` (N,) for the time proposal and ``eps`` (N, ...) for the noise.
+    """The standard normals behind one batch: ``u`` (N,) for the time proposal and ``eps`` (N, ...) for the noise;
+    for a class-conditional batch also ``c`` (N,), uniform on [0, 1): the label dropout of a teacher
+    (:func:`drop_labels`) or the guidance scale of an sCD student (:func:`guidance_scale`).
 
     The losses draw their own by default. A data-parallel trainer draws them for the whole global batch on every rank
     and hands each rank its slice, so that N ranks see exactly the noise a single process would.
@@ -52,17 +54,33 @@ class Noise:
 
     u: Tensor
     eps: Tensor
+    c: Tensor | None = None
 
     @staticmethod
     def draw(shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str | None = None,
-             dtype: torch.dtype = torch.float32) -> Noise:
-        """u ~ N(0, 1) then eps ~ N(0, I) of ``shape``, in this order (so a batch's noise depends on the seed only)."""
+             dtype: torch.dtype = torch.float32, conditional: bool = False) -> Noise:
+        """u ~ N(0, 1), then eps ~ N(0, I) of ``shape``, then (``conditional``) c ~ U[0, 1), in this order: a batch's
+        noise depends on the seed only, and an unconditional batch draws exactly what it drew before ``c`` existed."""
         u = torch.randn(shape[0], generator=generator, device=device)
         eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        return Noise(u, eps)
+        c = torch.rand(shape[0], generator=generator, device=device) if conditional else None
+        return Noise(u, eps, c)
 
     def __getitem__(self, index: slice | Tensor) -> Noise:
-        return Noise(self.u[index], self.eps[index])
+        return Noise(self.u[index], self.eps[index], None if self.c is None else self.c[index])
+
+
+def drop_labels(class_labels: Tensor, c: Tensor, p: float, num_classes: int) -> Tensor:
+    """Label dropout: each label becomes the null label ``num_classes`` where c < p (c ~ U[0, 1) per sample).
+
+    It trains the unconditional branch of classifier-free guidance in the same network (paper App. G, ImageNet 512:
+    p = 0.1); the networks of :mod:`scm.nn` and :mod:`scm.mpunet` read index ``num_classes`` as "no label"."""
+    return torch.where(c.to(class_labels.device) < p, torch.full_like(class_labels, num_classes), class_labels)
+
+
+def guidance_scale(c: Tensor, s_max: float) -> Tensor:
+    """s = 1 + (s_max − 1)·c ~ U[1, s_max] from c ~ U[0, 1): sCD's per-sample guidance scale (paper App. G)."""
+    return 1.0 + (s_max - 1.0) * c
 
 
 def _t_and_z(x0: Tensor, noise: Noise | None, P_mean: float, P_std: float, sigma_data: float,

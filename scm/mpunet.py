@@ -18,7 +18,9 @@ converted EDM2 checkpoint:
   280.2 M (+4.9 % at every width). The paper's Table 4 lists EDM2's counts, which ``double_norm=False`` matches to
   0.02 % (the test states both);
 - ``guidance_embedding=True``: the classifier-free guidance scale of sCD enters like the class label, through its
-  own positional embedding and linear layer (App. G, ImageNet 512).
+  own positional embedding and linear layer (App. G, ImageNet 512), added to the embedding with a learned gain that
+  starts at 0 rather than by the magnitude-preserving sum, so that a student copied from its teacher computes the
+  teacher's function at every s until it learns otherwise.
 
 Called ``net(x_hat, t, class_labels=None, guidance=None)`` like :class:`scm.nn.UNet`: x̂ = x_t/σ_d has unit variance,
 which is EDM2's c_in·x. Class labels are integer indices; index ``num_classes`` (or ``None``) is "no label", the
@@ -253,6 +255,7 @@ class MPUNet(nn.Module):
         self.emb_label = MPConv(cfg.num_classes, cemb, kernel=()) if cfg.num_classes else None
         self.emb_guidance_pos = MPPositional(cnoise) if cfg.guidance_embedding else None
         self.emb_guidance = MPConv(cnoise, cemb, kernel=()) if cfg.guidance_embedding else None
+        self.emb_guidance_gain = nn.Parameter(torch.zeros([])) if cfg.guidance_embedding else None
 
         def block(cin: int, cout: int, level: int, flavor: str, **kw) -> MPBlock:
             p = cfg.dropout if cfg.dropout_levels is None or level in cfg.dropout_levels else 0.0
@@ -289,7 +292,7 @@ class MPUNet(nn.Module):
         self.out_conv = MPConv(cout, cfg.in_channels, kernel=(3, 3))
 
     def embed(self, t: Tensor, class_labels: Tensor | None, guidance: Tensor | None) -> Tensor:
-        """emb = mp_silu(mp_sum(noise emb, label emb) [, guidance emb]), in float32 (float64 for float64 t)."""
+        """emb = mp_silu(mp_sum(noise emb, label emb) [+ g·guidance emb]), in float32 (float64 for float64 t)."""
         cfg = self.cfg
         with float32_region(t):
             emb = self.emb_noise(self.emb_time(t))
@@ -299,7 +302,7 @@ class MPUNet(nn.Module):
                 emb = mp_sum(emb, self.emb_label(one_hot * math.sqrt(cfg.num_classes)), t=cfg.label_balance)
             if self.emb_guidance is not None:
                 s = torch.ones_like(t) if guidance is None else guidance.to(t.dtype).expand_as(t)
-                emb = mp_sum(emb, self.emb_guidance(self.emb_guidance_pos(s)), t=cfg.label_balance)
+                emb = emb + self.emb_guidance(self.emb_guidance_pos(s), gain=self.emb_guidance_gain)
             return mp_silu(emb)
 
     def forward(self, x_hat: Tensor, t: Tensor, class_labels: Tensor | None = None,

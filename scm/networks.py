@@ -68,6 +68,29 @@ def set_dropout(net: nn.Module, p: float, levels: tuple[int, ...] = ()) -> None:
             m.p = p
 
 
+def num_classes(net: nn.Module) -> int:
+    """The number of classes a network is conditioned on (0: unconditional)."""
+    return int(getattr(getattr(net, "cfg", None), "num_classes", 0))
+
+
+def has_guidance_embedding(net: nn.Module) -> bool:
+    """Whether ``net`` takes sCD's guidance scale s (``net(x_hat, t, labels, guidance=s)``)."""
+    return bool(getattr(getattr(net, "cfg", None), "guidance_embedding", False))
+
+
+def with_guidance_embedding(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with a guidance embedding: the same weights, plus the embedding of s, which starts at zero
+    (so the copy computes ``net``'s function at every s). An sCD student of a guided teacher starts here."""
+    if not hasattr(net.cfg, "guidance_embedding"):
+        raise ValueError(f"a {kind_of(net)} network has no guidance embedding (the networks with one: unet, mpunet)")
+    first = next(net.parameters())
+    new = build(dataclasses.replace(net.cfg, guidance_embedding=True)).to(device=first.device, dtype=first.dtype)
+    missing, unexpected = new.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or not all("guidance" in k for k in missing):
+        raise ValueError(f"guidance embedding: unexpected keys {unexpected} / missing {missing}")
+    return new
+
+
 def kind_of(net: nn.Module) -> str:
     """The family name of ``net`` (a key of :data:`NETWORKS`)."""
     for kind, (cls, _) in NETWORKS.items():

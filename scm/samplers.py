@@ -33,6 +33,19 @@ def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], n: int, *, sigm
     return [(sigma_data * stacked[i]).to(device=device, dtype=dtype) for i in range(n)]
 
 
+LABEL_SEED_OFFSET = 2**40  # a label's generator is seeded seed + 2⁴⁰: no image's noise generator has that seed
+
+
+def labels_from_seeds(seeds: Sequence[int], num_classes: int, *, device: torch.device | str = "cpu") -> Tensor:
+    """Class labels uniform on 0 … num_classes−1; label i depends only on ``seeds[i]`` (like its noise, whose
+    generator it does not share), so a conditional image too can be regenerated alone."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    labels = [torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(int(seed) + LABEL_SEED_OFFSET))
+              for seed in seeds]
+    return torch.cat(labels).to(device) if labels else torch.empty(0, dtype=torch.long, device=device)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Time schedules.
 

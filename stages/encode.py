@@ -3,9 +3,10 @@
 Consumes ``data/prepared`` (``images.parquet`` + ``manifest.json``, written by ``stages/data.py``). Produces
 ``data/latents``, replaced whole and only on success:
 
-- ``latents.safetensors``: ``train`` / ``eval`` float32 N×C'×H'×W' latents and ``train_labels`` / ``eval_labels``;
-- ``codec.json`` (kind, image and latent shapes, per-channel μ_c and σ_c, σ_d) and, unless the codec is the
-  identity, ``codec/``: the AutoencoderKL in diffusers format;
+- ``latents.safetensors``: ``train`` / ``eval`` float32 N×C'×H'×W' latents and ``train_labels`` / ``eval_labels``
+  (with ``encode.posterior: sample`` also ``train_std`` / ``eval_std``, the VAE posterior's std in the same units);
+- ``codec.json`` (kind, image and latent shapes, per-channel μ_c and σ_c, σ_d, the labels' number of classes) and,
+  unless the codec is the identity, ``codec/``: the AutoencoderKL in diffusers format;
 - ``recon_grid.png`` (eval originals above their reconstructions, the classes in turn), ``metrics.json``, ``resolved_params.json`` and
   ``provenance.json`` (git commit, timings; outside the output's DVC hash).
 
@@ -225,8 +226,12 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
     no_stats = torch.zeros(latent_channels, device=device), torch.full((latent_channels,), base.sigma_data, device=device)
     codec = Codec(vae, image_shape, *no_stats, base.sigma_data, params.encode_batch_size)  # μ_c, σ_c measured below
 
-    # Encode both splits (the posterior mean, no sampling).
-    raw = {split: codec.encode_raw(images) for split, (images, _) in splits.items()}
+    # Encode both splits: the posterior mean, and with encode.posterior: sample its standard deviation too.
+    if params.posterior == "sample":
+        posterior = {split: codec.encode_posterior(images) for split, (images, _) in splits.items()}
+        raw, raw_std = {k: v[0] for k, v in posterior.items()}, {k: v[1] for k, v in posterior.items()}
+    else:
+        raw, raw_std = {split: codec.encode_raw(images) for split, (images, _) in splits.items()}, {}
     for split, z in raw.items():
         if not torch.isfinite(z).all():
             raise StageError(f"encode: the {split} latents are not finite (codec {params.codec!r} produced NaN/inf)")
@@ -243,6 +248,8 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
         raise StageError(f"encode: latent channel {channel} is constant on the train split; cannot standardise it")
     codec.mean, codec.std = mean.float().to(device), std.float().to(device)
     latents = {split: standardise(z, mean.float(), std.float(), base.sigma_data) for split, z in raw.items()}
+    # The posterior's std in standardised units: the same per-channel scale σ_d/σ_c, no shift.
+    latent_std = {split: s * (base.sigma_data / std.float()).view(1, -1, 1, 1) for split, s in raw_std.items()}
 
     # Reconstruct the eval split: MSE and PSNR of pixels in [0, 1].
     originals = splits["eval"][0]
@@ -261,6 +268,7 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
     with atomic_output_dir(out_dir) as tmp:
         tensors = {split: latents[split].cpu().contiguous() for split in SPLITS}
         tensors |= {f"{split}_labels": splits[split][1].to(torch.int64).cpu().contiguous() for split in SPLITS}
+        tensors |= {f"{split}_std": s.cpu().contiguous() for split, s in latent_std.items()}
         save_file(tensors, tmp / "latents.safetensors")
         if vae is not None:
             vae.save_pretrained(tmp / "codec", safe_serialization=True)
@@ -271,6 +279,7 @@ def run(params: EncodeParams, base: BaseParams, prepared_dir: Path, out_dir: Pat
             "mean": codec.mean.tolist(),
             "std": codec.std.tolist(),
             "sigma_data": base.sigma_data,
+            "num_classes": int(read_manifest(prepared_dir).get("num_classes", 0)),  # the labels' range (conditioning)
         })
         save_grid(tmp / "recon_grid.png", torch.cat([originals[picked], reconstructions[picked]]), columns)
         write_json(tmp / "metrics.json", metrics)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from scm.samplers import noise_from_seeds
+from scm.samplers import labels_from_seeds, noise_from_seeds
 from study import layout
 from study.classifier import held_out_accuracy
 from study.cli import add_params_args, cli, load_args
@@ -53,7 +53,9 @@ def measure_speed(samplers: dict[str, Sampler], codec: Codec, shape: tuple[int, 
                   batch_size: int, repeats: int, device: str) -> dict[str, Any]:
     """Seconds per image of each sampler (latents only) and of the decoder, on one batch, interleaved, medians."""
     noise = noise_from_seeds(range(batch_size), shape, 2, sigma_data=sigma_data, device=device)
-    latents = samplers["scm1"](noise)
+    k = samplers["teacher"].num_classes
+    labels = labels_from_seeds(range(batch_size), k, device=device) if k else None  # a guided teacher: 2 calls per NFE
+    latents = samplers["scm1"](noise, labels)
 
     def timed(fn) -> float:
         t0 = time.perf_counter()
@@ -61,7 +63,7 @@ def measure_speed(samplers: dict[str, Sampler], codec: Codec, shape: tuple[int, 
         _sync(device)
         return time.perf_counter() - t0
 
-    jobs = {m: (lambda s=samplers[m]: s(noise)) for m in METHODS} | {"decoder": lambda: codec.decode(latents)}
+    jobs = {m: (lambda s=samplers[m]: s(noise, labels)) for m in METHODS} | {"decoder": lambda: codec.decode(latents)}
     for fn in jobs.values():  # warm-up
         timed(fn)
     times: dict[str, list[float]] = {k: [] for k in jobs}
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--headline", type=Path, default=None, help="the few numbers dvc metrics show lists (JSON)")
     parser.add_argument("--cache", type=Path, default=Path(".cache/fidelity"), help="cache of the reference images' features (safetensors)")
     args = parser.parse_args(argv)
-    p = load_args(args)
+    p = load_args(args).at(args.scale)  # per-scale values (the samplers' guidance) for this scale
     check_paths(inputs={"--data": args.data, "--latents": args.latents, "--teacher": args.teacher, "--student": args.student,
                  "--samples": args.samples, "--classifier": args.classifier},
                 outputs={"--metrics": args.metrics, "--details": args.details, "--headline": args.headline,

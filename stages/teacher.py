@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from scm.losses import diffusion_loss
+from scm import networks
+from scm.losses import diffusion_loss, drop_labels
 from scm.scales import SCALES
 from study import diffusers_models, distributed
 from study.checkpoint import checkpoint_root, run_checkpointer
@@ -57,6 +58,18 @@ def diffusers_teacher(params: TeacherParams, base: BaseParams, data: Latents, sc
                                          who=who)
 
 
+def conditioning(base: BaseParams, params: TeacherParams, data: Latents) -> int:
+    """The number of classes the teacher is conditioned on: the data's with ``base.conditional``, else 0."""
+    if not base.conditional:
+        return 0
+    if data.num_classes < 2:
+        raise StageError(f"base.conditional: the data has {data.num_classes} class; conditioning needs at least 2")
+    if params.source == "ddpm" or diffusers_models.is_diffusers_source(params.source):
+        raise StageError(f"base.conditional: teacher.source={redact(params.source)!r} is an unconditional diffusers "
+                         "UNet2DModel here; class-conditional teachers are trained (teacher.source: train) or model files")
+    return data.num_classes
+
+
 def run(params: TeacherParams, base: BaseParams, scale: str, latents_dir: Path, out_dir: Path,
         metrics_path: Path, history_path: Path, *, device: str = "cpu", progress: bool = True,
         dist: distributed.Dist = distributed.SINGLE, checkpoint_root: Path | None = None) -> dict[str, Any] | None:
@@ -69,16 +82,20 @@ def run(params: TeacherParams, base: BaseParams, scale: str, latents_dir: Path, 
         raise StageError(f"scale {scale!r}: unknown (accepted: {', '.join(SCALES)})")
     params = params.at(scale)  # per-scale values (teacher.steps: {S: ..., M: ...}) for this scale
     data = load_latents(latents_dir)
+    num_classes = conditioning(base, params, data)
     result, ckpt = None, None
     if params.source == "train":
         # A fresh network from the seed; the diffusion loss (paper Eq. 4); the optimiser of teacher.optimizer.
+        # Conditional: each label becomes "no label" with probability teacher.label_dropout (CFG's other branch).
         torch.manual_seed(base.seed)
-        net = build_net(scale, data.shape, params.dropout, params.dropout_levels, width=base.width, name="teacher").to(device)
+        net = build_net(scale, data.shape, params.dropout, params.dropout_levels, width=base.width,
+                        num_classes=num_classes, name="teacher").to(device)
         net.amp_dtype = amp_dtype(base.precision, device)
         spec = TrainSpec(
             name=f"teacher-{scale}", section="teacher", settings=params, seed=base.seed,
-            objective=lambda net_dp, head_dp: lambda step, x0, noise: diffusion_loss(
+            objective=lambda net_dp, head_dp: lambda step, x0, noise, labels=None: diffusion_loss(
                 net_dp, x0, sigma_data=base.sigma_data, P_mean=params.P_mean, P_std=params.P_std, weight_head=head_dp,
+                class_labels=None if labels is None else drop_labels(labels, noise.c, params.label_dropout, num_classes),
                 noise=noise),
             optimizer=make_optimizer(params))
     elif params.source == "ddpm":
@@ -97,7 +114,9 @@ def run(params: TeacherParams, base: BaseParams, scale: str, latents_dir: Path, 
     if params.source in ("train", "ddpm"):
         ckpt = run_checkpointer(checkpoint_root, spec.name, params.checkpoint_every, stage="teacher", params=params,
                                 base=base, inputs=[Path(latents_dir) / "latents.safetensors"])
-        result = train(net, spec, data.train, dist=dist, checkpoint=ckpt, progress=progress)
+        x0, labels, posterior_std = data.training_set(base.train_split)
+        result = train(net, spec, x0, labels=labels if num_classes else None, posterior_std=posterior_std,
+                       dist=dist, checkpoint=ckpt, progress=progress)
     if not dist.is_main:
         return None
     meta = {"role": "teacher", "scale": scale, "latent_shape": list(data.shape), "sigma_data": base.sigma_data}
@@ -119,8 +138,12 @@ def run(params: TeacherParams, base: BaseParams, scale: str, latents_dir: Path, 
             save_model(tmp / MODEL_FILE, converted, {**meta, "source": redact(params.source), "revision": params.revision})
         else:
             fetch(params.source, params.sha256, tmp / MODEL_FILE)
-            load_model(tmp, expect_shape=data.shape, expect_scale=scale,  # refuse a teacher of another scale/shape
-                       name=f"teacher.source={redact(params.source)!r}")
+            fetched, _ = load_model(tmp, expect_shape=data.shape, expect_scale=scale,  # refuse another scale/shape
+                                    name=f"teacher.source={redact(params.source)!r}")
+            if networks.num_classes(fetched) != num_classes:
+                raise StageError(f"teacher.source={redact(params.source)!r}: a model of "
+                                 f"{networks.num_classes(fetched)} classes, but the study has {num_classes} "
+                                 f"(base.conditional: {str(base.conditional).lower()})")
         _, meta = load_model(tmp)
         write_provenance(tmp, {"base": to_plain(base), "teacher": to_plain(params), "scale": scale,
                                "latents": str(latents_dir), "device": device, "world_size": dist.world_size},

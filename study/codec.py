@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,16 @@ class Codec:
         return torch.cat(out) if out else torch.empty(0, *self.latent_shape, device=images.device)
 
     @torch.no_grad()
+    def encode_posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 N×C×H×W -> the VAE posterior's mean and standard deviation before standardisation, float32."""
+        assert self.vae is not None, "the identity codec has no posterior"
+        parts = []
+        for b in images.split(self.batch_size):
+            dist = self._posterior(b.to(self.device))
+            parts.append((dist.mean.to(images.device), dist.std.to(images.device)))
+        return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
+
+    @torch.no_grad()
     def decode_raw(self, z: Tensor) -> Tensor:
         """Latents before standardisation -> uint8 N×C×H×W."""
         assert tuple(z.shape[1:]) == tuple(self.latent_shape), z.shape
@@ -136,11 +146,12 @@ class Codec:
         return self.decode_raw(unstandardise(latents.float(), mean, std, self.sigma_data))
 
     def _encode_batch(self, images: Tensor) -> Tensor:
+        return to_unit(images) if self.vae is None else self._posterior(images).mode()
+
+    def _posterior(self, images: Tensor) -> Any:
         x = to_unit(images)
-        if self.vae is None:
-            return x
         x = resize(match_channels(x, self.vae.config.in_channels), vae_size(self.vae, *x.shape[-2:]))
-        return self.vae.encode(x).latent_dist.mode()
+        return self.vae.encode(x).latent_dist
 
     def _decode_batch(self, z: Tensor) -> Tensor:
         if self.vae is None:

@@ -85,11 +85,23 @@ class SCMUNet2DModel(ModelMixin, ConfigMixin):
         return int(self.config.num_classes)
 
     def forward(self, sample: Tensor, timestep: Tensor | float, class_labels: Tensor | None = None,
-                return_dict: bool = True) -> SCMUNetOutput | tuple[Tensor]:
+                guidance: Tensor | float | None = None, return_dict: bool = True) -> SCMUNetOutput | tuple[Tensor]:
+        """σ_d·F_θ(x_t/σ_d, t) (Eq. 3); ``guidance``: the scale s of a student distilled with guidance (sCD)."""
         t = torch.as_tensor(timestep, dtype=sample.dtype, device=sample.device)
         t = t.expand(sample.shape[0]) if t.ndim == 0 else t  # (N,)
-        v = velocity(self.net, sample, t, self.config.sigma_data, class_labels)  # σ_d·F_θ(x_t/σ_d, t), Eq. 3
+        if guidance is None:
+            v = velocity(self.net, sample, t, self.config.sigma_data, class_labels)
+        else:
+            if not networks.has_guidance_embedding(self.net):
+                raise ValueError("guidance: this student has no guidance input (it was distilled without guidance)")
+            s = torch.as_tensor(guidance, dtype=sample.dtype, device=sample.device).expand(sample.shape[0])
+            v = self.config.sigma_data * self.net(sample / self.config.sigma_data, t, class_labels, guidance=s)
         return SCMUNetOutput(sample=v) if return_dict else (v,)
+
+    @property
+    def guidance_embedding(self) -> bool:
+        """Whether the student takes a guidance scale (``forward(..., guidance=s)``)."""
+        return networks.has_guidance_embedding(self.net)
 
 
 class SCMTrigFlowUNet2DModel(ModelMixin, ConfigMixin):
@@ -107,6 +119,7 @@ class SCMTrigFlowUNet2DModel(ModelMixin, ConfigMixin):
                           "data_scale": data_scale, "sigma_data": sigma_data})
 
     forward = SCMUNet2DModel.forward
+    guidance_embedding = SCMUNet2DModel.guidance_embedding
 
     @property
     def num_classes(self) -> int:
@@ -123,6 +136,7 @@ class SCMNetworkModel(ModelMixin, ConfigMixin):
         self.net = networks.build(networks.from_plain(kind, network or {}))
 
     forward = SCMUNet2DModel.forward
+    guidance_embedding = SCMUNet2DModel.guidance_embedding
 
     @property
     def num_classes(self) -> int:
@@ -135,7 +149,9 @@ STUDENT_MODELS = {cls.__name__: cls for cls in (SCMUNet2DModel, SCMTrigFlowUNet2
 class SCMPipeline(DiffusionPipeline):
     """1-, 2- or M-step sampling of an sCM student (paper §5.2), decoded by its codec.
 
-    ``pipe(seeds=[0, 1, 2], num_inference_steps=2)`` gives the sample stage's images of those seeds.
+    ``pipe(seeds=[0, 1, 2], num_inference_steps=2)`` gives the sample stage's images of those seeds; a
+    class-conditional student takes ``class_labels`` (the sample stage's: :func:`scm.samplers.labels_from_seeds`) and,
+    distilled with guidance, ``guidance_scale`` (its s; the network's default s = 1 when None).
     ``output_type``: ``"pil"`` (PIL images), ``"pt"`` (uint8 N×C×H×W, what the sample stage stores) or ``"np"``
     (float N×H×W×C in [0, 1], diffusers' convention).
     """
@@ -165,7 +181,7 @@ class SCMPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, seeds: list[int] | None = None, batch_size: int = 1, num_inference_steps: int = 2,
-                 t_mid: float | None = None, class_labels: Tensor | None = None,
+                 t_mid: float | None = None, class_labels: Tensor | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
                  return_dict: bool = True) -> ImagePipelineOutput | tuple:
         if output_type not in ("pil", "pt", "np"):
@@ -186,7 +202,7 @@ class SCMPipeline(DiffusionPipeline):
 
         x = noise[0]
         for i, s in enumerate(self.scheduler.timesteps[:-1]):
-            model_output = self.unet(x, s, class_labels).sample  # σ_d·F_θ(x_s/σ_d, s)
+            model_output = self.unet(x, s, class_labels, guidance_scale).sample  # σ_d·F_θ(x_s/σ_d, s[, guidance])
             out = self.scheduler.step(model_output, s, x, generator=generator)
             if seeds is None or i == num_inference_steps - 1:
                 x = out.prev_sample  # the last step's prev_sample is x̂0 (t = 0)

@@ -31,8 +31,9 @@ KINDS = ("unet", *(k for k in networks.NETWORKS if k != "unet"), KIND_DIFFUSERS)
 
 
 def build_net(scale: str, latent_shape: tuple[int, ...], dropout: float = 0.0, dropout_levels: tuple[int, ...] = (),
-              *, width: int = 0, name: str = "teacher") -> nn.Module:
-    """A freshly initialised network of ``scale`` (:data:`scm.scales.SCALES`) for latents of ``latent_shape``.
+              *, width: int = 0, num_classes: int = 0, name: str = "teacher") -> nn.Module:
+    """A freshly initialised network of ``scale`` (:data:`scm.scales.SCALES`) for latents of ``latent_shape``,
+    conditioned on ``num_classes`` class labels (0: unconditional).
 
     ``width`` > 0 replaces the scale's base width (``base.width``). The scale names are checked when params.yaml is
     loaded; what can still be wrong is the dropout levels, so errors name ``<name>.dropout_levels``."""
@@ -40,7 +41,8 @@ def build_net(scale: str, latent_shape: tuple[int, ...], dropout: float = 0.0, d
         raise StageError(f"base.scales: unknown scale {scale!r} (accepted: {', '.join(networks.SCALES)})")
     try:
         return networks.build(networks.network_config(scale, in_channels=latent_shape[0], dropout=dropout,
-                                                      dropout_levels=dropout_levels, model_channels=width))
+                                                      dropout_levels=dropout_levels, num_classes=num_classes,
+                                                      model_channels=width))
     except ValueError as e:
         raise StageError(f"{name}.dropout_levels: {e}") from None
 

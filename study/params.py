@@ -88,6 +88,8 @@ class BaseParams:
 
     seed: int = bounded(lo=0, hi=MAX_SEED)
     sigma_data: float = bounded(**POSITIVE)  # σ_d (paper §3)
+    conditional: bool  # class-conditional networks on the data stage's labels (the paper's ImageNet runs)
+    train_split: Literal["train", "all"]  # what teacher and CM train on: the train split, or every prepared image
     device: str  # auto | cpu | cuda | cuda:N
     scales: tuple[str, ...]  # model scales run by the per-scale stages
     width: int = bounded(lo=0)  # 0 = each scale's own base width; > 0 replaces it (a preset rehearsed on a CPU)
@@ -113,6 +115,7 @@ class DataParams:
     source: Literal["mnist5k", "mnist", "cifar10", "imagefolder"]
     root: str  # download/cache dir for torchvision sources, or the class-folder tree for imagefolder
     image_size: int = bounded(lo=0)  # 0 = keep the source's size; else resize (square) to this
+    transform: Literal["center-crop", "center-crop-dhariwal"]  # how image_size is reached (ADM/EDM2 ImageNet: dhariwal)
     channels: int = bounded(lo=0, hi=3)  # 0 = keep; 1 = grayscale; 3 = RGB
     eval_fraction: float = bounded(lo=0.0, hi=1.0, lo_open=True, hi_open=True)  # held-out split for evaluation
     max_images: int = bounded(lo=0)  # 0 = all
@@ -123,6 +126,7 @@ class EncodeParams:
     """stages/encode.py: prepared images -> per-channel standardised latents + the codec that decodes them."""
 
     codec: Literal["identity", "train", "pretrained"]  # identity = pixel space (paper CIFAR-10/IN64)
+    posterior: Literal["mean", "sample"]  # a VAE's latents: its posterior mean, or mean and std with a draw per use (EDM2)
     pretrained: str  # codec=pretrained: hub id or local diffusers dir (paper IN512)
     channels: tuple[int, ...] = bounded(lo=1)  # codec=train: block widths; factor 2^(len-1): 28² -> 7²
     latent_channels: int = bounded(lo=1)  # codec=train
@@ -138,6 +142,9 @@ class EncodeParams:
     def validate(self, prefix: str) -> None:
         if not self.channels:
             raise StageError(f"{prefix}.channels: expected at least one block width")
+        if self.posterior == "sample" and self.codec == "identity":
+            raise StageError(f"{prefix}.posterior: 'sample' needs a VAE (encode.codec train or pretrained); pixels "
+                             "have no posterior")
         for name in ("latent_mean", "latent_std"):
             pinned = getattr(self, name)
             if pinned and self.codec == "train" and len(pinned) != self.latent_channels:
@@ -150,8 +157,16 @@ PerScaleInt = int | dict[str, int]  # one value, or a value per scale name: {S: 
 PerScaleFloat = float | dict[str, float]
 
 
+class PerScale:
+    """A params section with ``PerScale*`` keys: one value, or a mapping from scale name to value."""
+
+    def at(self, scale: str) -> Any:
+        """This section with every per-scale mapping replaced by its value for ``scale``."""
+        return dataclasses.replace(self, **{name: value[scale] for name, value in per_scale_values(self).items()})
+
+
 @dataclass(frozen=True)
-class TrainingParams:
+class TrainingParams(PerScale):
     """What the one training loop (:func:`study.training.train`) reads: shared by the teacher and distill sections.
 
     Keys typed ``PerScale*`` take one value or a mapping from scale name to value (the paper's per-scale settings,
@@ -185,9 +200,6 @@ class TrainingParams:
         if len(self.betas) != 2:
             raise StageError(f"{prefix}.betas: expected two values (beta1, beta2), got {list(self.betas)}")
 
-    def at(self, scale: str) -> TrainingParams:
-        """These settings with every per-scale mapping replaced by its value for ``scale``."""
-        return dataclasses.replace(self, **{name: value[scale] for name, value in per_scale_values(self).items()})
 
 
 def per_scale_values(section: Any) -> dict[str, dict[str, Any]]:
@@ -203,6 +215,7 @@ class TeacherParams(TrainingParams):
     sha256: str  # required for an https source
     revision: str  # a diffusers hub id's revision ("" = main)
     data_scale: float = bounded(**POSITIVE)  # a diffusers teacher's data per codec unit ([-1, 1] pixels: 1; VAE latents: its scaling_factor)
+    label_dropout: float = bounded(**FRACTION)  # base.conditional: labels replaced by "no label" (paper IN512: 0.1)
 
     def validate(self, prefix: str) -> None:
         if not self.source.strip():
@@ -219,10 +232,11 @@ class DistillParams(TrainingParams):
     tangent: Literal["jvp", "fd"]
     tangent_warmup_steps: int = bounded(lo=0)  # H of the tangent warm-up r = min(1, step/H) (paper §4.2)
     prior_weight: bool  # extra outer 1/(σ_d tan t) (docs/method.md, "Weighting")
+    guidance_max: float = bounded(lo=1.0)  # sCD, base.conditional: guidance scale s ~ U[1, s_max] (paper IN512: 2.0); 1 = none
 
 
 @dataclass(frozen=True)
-class SampleParams:
+class SampleParams(PerScale):
     """stages/sample.py (per scale): teacher ODE samples and sCM 1-/2-step samples, decoded to images."""
 
     num_samples: int = bounded(lo=1)  # per seed set; the evaluate stage compares them with the eval split
@@ -230,6 +244,9 @@ class SampleParams:
     teacher_sampler: Literal["dpm2", "euler"]
     teacher_steps: int = bounded(lo=1)  # dpm2: NFE = 2n − 1
     t_mid: float = bounded(lo=0.0, hi=1.5, lo_open=True)  # 2-step intermediate time (paper §5.2)
+    teacher_guidance: PerScaleFloat = bounded(lo=1.0)  # base.conditional: the teacher's CFG scale (1 = none)
+    guidance_1step: PerScaleFloat = bounded(lo=1.0)  # base.conditional: the 1-step student's s, in [1, guidance_max]
+    guidance_2step: PerScaleFloat = bounded(lo=1.0)  # base.conditional: the 2-step student's s
     batch_size: int = bounded(lo=1)
     grid_size: int = bounded(lo=1)  # images in each sample grid
 
@@ -294,13 +311,15 @@ class Params:
         return {"profile": self.profile, **{k: to_plain(getattr(self, k)) for k in SECTIONS}}
 
     def at(self, scale: str) -> Params:
-        """These params with the training sections' per-scale mappings resolved for ``scale``."""
-        for name in ("teacher", "distill"):
+        """These params with the per-scale mappings of the per-scale sections resolved for ``scale``."""
+        for name in PER_SCALE_SECTIONS:
             missing = [key for key, mapping in per_scale_values(getattr(self, name)).items() if scale not in mapping]
             if missing:
                 raise StageError(f"{name}.{missing[0]}: no value for scale {scale!r}")
-        return dataclasses.replace(self, teacher=self.teacher.at(scale), distill=self.distill.at(scale))
+        return dataclasses.replace(self, **{name: getattr(self, name).at(scale) for name in PER_SCALE_SECTIONS})
 
+
+PER_SCALE_SECTIONS = ("teacher", "distill", "sample")  # the sections whose keys may take one value per scale
 
 # Section name -> its dataclass, in params.yaml's order.
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Params)[f.name] for f in dataclasses.fields(Params)[1:]}
@@ -511,7 +530,7 @@ def check_across_sections(p: Params) -> None:
     if p.sample.t_mid >= t_max:
         raise StageError(f"sample.t_mid: expected a value < t_max = arctan({SIGMA_MAX:g}/base.sigma_data) = {t_max:.4f}, "
                          f"got {p.sample.t_mid!r}")
-    for name in ("teacher", "distill"):
+    for name in PER_SCALE_SECTIONS:
         for key, mapping in per_scale_values(getattr(p, name)).items():
             unknown = [s for s in mapping if s not in SCALES]
             if unknown:
@@ -520,9 +539,35 @@ def check_across_sections(p: Params) -> None:
             if missing:
                 raise StageError(f"{name}.{key}: no value for scale {missing[0]!r} (base.scales); give one value or "
                                  f"one per scale")
+    _check_conditioning(p)
     if p.evaluate.kid_subset_size > p.sample.num_samples:
         raise StageError(f"evaluate.kid_subset_size: expected a value <= sample.num_samples = {p.sample.num_samples}, "
                          f"got {p.evaluate.kid_subset_size}")
+
+
+def _values(value: Any) -> list[Any]:
+    """The values of a key that may hold one value per scale."""
+    return list(value.values()) if isinstance(value, dict) else [value]
+
+
+def _check_conditioning(p: Params) -> None:
+    """Labels and guidance: every setting that needs class labels or sCD says so rather than being ignored."""
+    unconditional = "needs class labels (base.conditional: true)"
+    if not p.base.conditional and p.teacher.label_dropout > 0:
+        raise StageError(f"teacher.label_dropout: {unconditional}; set it to 0 for an unconditional teacher")
+    if p.distill.guidance_max > 1:
+        if not p.base.conditional:
+            raise StageError(f"distill.guidance_max: classifier-free guidance {unconditional}; set it to 1")
+        if p.distill.method != "scd":
+            raise StageError("distill.guidance_max: sCT takes no guidance (it has no teacher to guide); set it to 1 "
+                             "or use distill.method: scd")
+    for key in ("teacher_guidance", "guidance_1step", "guidance_2step"):
+        values = _values(getattr(p.sample, key))
+        if not p.base.conditional and any(v != 1 for v in values):
+            raise StageError(f"sample.{key}: guidance {unconditional}; set it to 1")
+        if key != "teacher_guidance" and max(values) > p.distill.guidance_max:
+            raise StageError(f"sample.{key}: expected a value <= distill.guidance_max = {p.distill.guidance_max} "
+                             f"(the student learns s in [1, guidance_max]), got {max(values)!r}")
 
 
 def parse_overrides(items: list[str]) -> dict:

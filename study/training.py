@@ -74,7 +74,7 @@ class TrainResult:
     resumed_from: int  # the step this process started at (0: not resumed)
 
 
-LossFn = Callable[[int, Tensor, Noise], LossOutput]  # (step, x0 micro-batch, its noise) -> loss
+LossFn = Callable[..., LossOutput]  # (step, x0 micro-batch, its noise[, its class labels]) -> loss
 SUMMED_STATS = ("nonfinite",)  # stats that add up over micro-batches and ranks; the rest are averaged
 
 
@@ -132,9 +132,17 @@ def set_rng_state(state: dict[str, Tensor], device: torch.device, noise: torch.G
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Dist = distributed.SINGLE,
+def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, labels: Tensor | None = None,
+          posterior_std: Tensor | None = None, dist: distributed.Dist = distributed.SINGLE,
           checkpoint: Checkpointer | None = None, progress: bool = True) -> TrainResult:
     """Train ``net`` on ``data`` as ``spec`` says, for ``spec.settings.steps`` optimiser steps.
+
+    With ``labels`` (one class index per row of ``data``), the objective is called with each micro-batch's labels
+    as a fourth argument, and the batch's noise carries ``c`` ~ U[0, 1) per sample (label dropout, guidance scale;
+    :class:`scm.losses.Noise`), drawn after the rest so that an unconditional run draws what it always drew.
+
+    With ``posterior_std`` (a VAE posterior's std per element of ``data``, which holds its mean), every use of an
+    image draws a new latent x0 = mean + std·ε, EDM2's latent sampling; its ε comes last from the same generator.
 
     - Progress is counted in images; the EMA has a half-life in images or is EDM2's power function
       (:func:`make_ema`); the learning rate is a function of the step (:func:`learning_rate`), so it needs no
@@ -149,6 +157,10 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
       as an uninterrupted one, bit for bit.
     """
     settings = spec.settings
+    if labels is not None and len(labels) != len(data):
+        raise ValueError(f"{spec.name}: {len(labels)} labels for {len(data)} training samples")
+    if posterior_std is not None and posterior_std.shape != data.shape:
+        raise ValueError(f"{spec.name}: posterior std of shape {list(posterior_std.shape)} for data {list(data.shape)}")
     unresolved = per_scale_values(settings)
     if unresolved:
         raise ValueError(f"{spec.name}: per-scale values ({', '.join(unresolved)}): resolve them with .at(scale) first")
@@ -212,7 +224,10 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
 
         # The global batch and its noise, identical on every rank; this rank keeps its shard.
         index = next(batches)[mine]
-        noise = Noise.draw((batch_size, *data.shape[1:]), generator=gen, device=device)[mine]
+        noise = Noise.draw((batch_size, *data.shape[1:]), generator=gen, device=device,
+                           conditional=labels is not None)[mine]
+        latent_eps = (torch.randn((batch_size, *data.shape[1:]), generator=gen, device=device)[mine]
+                      if posterior_std is not None else None)
 
         # Gradients of the shard, micro-batch by micro-batch; DDP averages them over the ranks on the last one.
         optimizer.zero_grad(set_to_none=True)
@@ -220,11 +235,16 @@ def train(net: nn.Module, spec: TrainSpec, data: Tensor, *, dist: distributed.Di
         for i in range(rounds):
             part = slice(i * micro, (i + 1) * micro)
             x0 = data[index[part]].to(device, non_blocking=True)
+            if latent_eps is not None:  # a fresh draw from the image's VAE posterior
+                x0 = x0 + posterior_std[index[part]].to(device, non_blocking=True) * latent_eps[part]
             with contextlib.ExitStack() as no_sync:
                 if i < rounds - 1:
                     for m in ddp_modules:
                         no_sync.enter_context(m.no_sync())
-                out = loss_fn(step, x0, noise[part])
+                if labels is None:
+                    out = loss_fn(step, x0, noise[part])
+                else:
+                    out = loss_fn(step, x0, noise[part], labels[index[part]].to(device, non_blocking=True))
                 (out.loss / rounds).backward()
             losses.append(out.loss.detach())
             stats.append(out.stats)

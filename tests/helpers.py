@@ -143,8 +143,9 @@ def params_text(partial: str) -> str:
     return yaml.safe_dump(deep_merge(default_raw(), yaml.safe_load(partial) or {}), sort_keys=False, allow_unicode=True)
 
 
-def write_latents(folder: Path, shape=(2, 8, 8), n_train: int = 16, n_eval: int = 8) -> Path:
-    """An encode-stage output directory (identity codec) of random latents with the data's σ_d = 0.5."""
+def write_latents(folder: Path, shape=(2, 8, 8), n_train: int = 16, n_eval: int = 8, num_classes: int | None = 10) -> Path:
+    """An encode-stage output directory (identity codec) of random latents with the data's σ_d = 0.5, labelled
+    i mod 10 (``num_classes`` None: a ``codec.json`` without the number of classes, as written before it was)."""
     import json
 
     import torch
@@ -155,7 +156,9 @@ def write_latents(folder: Path, shape=(2, 8, 8), n_train: int = 16, n_eval: int 
     save_file({"train": 0.5 * torch.randn(n_train, *shape, generator=g), "eval": 0.5 * torch.randn(n_eval, *shape, generator=g),
                "train_labels": torch.arange(n_train) % 10, "eval_labels": torch.arange(n_eval) % 10},
               str(folder / "latents.safetensors"))
-    (folder / "codec.json").write_text(json.dumps({"kind": "identity", "latent_shape": list(shape), "sigma_data": 0.5}))
+    codec = {"kind": "identity", "latent_shape": list(shape), "image_shape": list(shape), "mean": [0.0] * shape[0],
+             "std": [0.5] * shape[0], "sigma_data": 0.5}
+    (folder / "codec.json").write_text(json.dumps(codec if num_classes is None else {**codec, "num_classes": num_classes}))
     return folder
 
 
@@ -246,3 +249,43 @@ def stage_images(latents: Path, student: Path, seeds: list[int], method: str) ->
     net, _ = load_model(student)
     samplers = build_samplers(section("sample", t_mid=1.1, teacher_steps=2), 0.5, net, net)
     return generate(samplers[method], codec, seeds, codec.latent_shape, sigma_data=0.5, batch_size=3, device="cpu")
+
+
+# CIFAR-10 in the exact on-disk layout of its "python version" (what torchvision downloads and extracts).
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def write_cifar10(root: Path, per_batch: int = 4, *, seed: int = 0, archive: bool = False) -> Path:
+    """``root/cifar-10-batches-py/``: ``data_batch_1..5`` and ``test_batch`` (pickled dicts of a uint8 N×3072
+    planar-RGB ``data`` array, ``labels``, ``batch_label`` and ``filenames``, keys as Python 2 wrote them: bytes) and
+    ``batches.meta``; with ``archive``, packed as ``root/cifar-10-python.tar.gz`` instead. Returns the folder or the
+    archive."""
+    import pickle
+    import shutil
+    import tarfile
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for b, name in enumerate(names):
+        labels = [int(c) for c in rng.integers(0, 10, per_batch)]
+        # Images whose colour says their class, so a classifier and a teacher have something to learn.
+        data = rng.integers(0, 64, (per_batch, 3, 32, 32), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            data[i, c % 3] += np.uint8(60 + 19 * c)
+        batch = {b"batch_label": f"batch {b}".encode(), b"labels": labels, b"data": data.reshape(per_batch, 3072),
+                 b"filenames": [f"img_{b}_{i}.png".encode() for i in range(per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {"num_cases_per_batch": per_batch, "label_names": list(CIFAR10_CLASSES), "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    if not archive:
+        return folder
+    path = Path(root) / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    shutil.rmtree(folder)
+    return path

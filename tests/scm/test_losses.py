@@ -278,3 +278,42 @@ def test_bf16_autocast_touches_only_the_grad_forward():
     assert torch.equal(ref.loss, amp.loss) and ref.stats["g_norm"] == amp.stats["g_norm"] == outer.stats["g_norm"]
     assert not torch.equal(g_ref, g_amp)  # the forward really ran in bf16
     assert torch.nn.functional.cosine_similarity(g_ref, g_amp, dim=0) > 0.99
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Class-conditional batches: label dropout and the guidance scale.
+
+
+def test_conditional_noise_adds_c_after_the_rest():
+    """A conditional draw gives an unconditional run's u and eps unchanged, then c ~ U[0, 1); slices keep it aligned."""
+    plain = losses.Noise.draw((64, 2, 3), generator=torch.Generator().manual_seed(5))
+    cond = losses.Noise.draw((64, 2, 3), generator=torch.Generator().manual_seed(5), conditional=True)
+    assert plain.c is None and torch.equal(plain.u, cond.u) and torch.equal(plain.eps, cond.eps)
+    assert cond.c.shape == (64,) and 0 <= cond.c.min() and cond.c.max() < 1
+    assert torch.equal(cond[4:8].c, cond.c[4:8])
+
+
+def test_label_dropout_and_guidance_scale():
+    labels = torch.arange(10_000) % 7
+    c = torch.rand(10_000, generator=torch.Generator().manual_seed(0))
+    dropped = losses.drop_labels(labels, c, 0.1, num_classes=7)
+    null = dropped == 7
+    assert torch.equal(null, c < 0.1) and abs(null.float().mean().item() - 0.1) < 0.01
+    assert torch.equal(dropped[~null], labels[~null])  # the others keep their label
+    assert torch.equal(losses.drop_labels(labels, c, 0.0, 7), labels)
+    s = losses.guidance_scale(c, 2.0)
+    assert 1.0 <= s.min() and s.max() < 2.0 and abs(s.mean().item() - 1.5) < 0.01
+    assert torch.equal(losses.guidance_scale(c, 1.0), torch.ones_like(c))
+
+
+def test_guided_teacher_velocity_is_cfg_of_its_two_branches():
+    net = scm_nn.UNet(scm_nn.UNetConfig(in_channels=2, model_channels=8, channel_mult=(1, 2), num_classes=3, groups=4))
+    for p in net.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    x, t, y = SD * torch.randn(4, 2, 8, 8), torch.full((4,), 0.7), torch.tensor([0, 1, 2, 0])
+    v_c, v_u = trigflow.velocity(net, x, t, SD, y), trigflow.velocity(net, x, t, SD, None)
+    assert not torch.allclose(v_c, v_u)
+    assert torch.equal(trigflow.guided_teacher_velocity(net, x, t, SD, y, 1.0), v_c)
+    s = torch.tensor([1.0, 1.5, 2.0, 3.0])
+    expected = v_u + s.view(4, 1, 1, 1) * (v_c - v_u)
+    assert torch.allclose(trigflow.guided_teacher_velocity(net, x, t, SD, y, s), expected, atol=1e-6)

@@ -70,6 +70,7 @@ def test_jvp_matches_float64_finite_difference(double_norm):
     net = tiny(num_classes=5, double_norm=double_norm, guidance_embedding=True).double()
     with torch.no_grad():
         net.out_gain.fill_(1.0)
+        net.emb_guidance_gain.fill_(0.5)
         for m in net.modules():
             if isinstance(m, mpunet.MPBlock) and not double_norm:
                 m.emb_gain.fill_(0.7)
@@ -77,8 +78,9 @@ def test_jvp_matches_float64_finite_difference(double_norm):
     t = torch.tensor([0.05, 0.8, 1.55], dtype=torch.float64)
     dxt_dt = 0.5 * torch.randn_like(x_t)
     labels = torch.tensor([0, 4, 5])  # 5 = no label
-    F1, J1 = jvp_tangent(net, x_t, t, dxt_dt, sigma_data=0.5, class_labels=labels)
-    F2, J2 = fd_tangent(net, x_t, t, dxt_dt, sigma_data=0.5, class_labels=labels, h=1e-5)
+    s = torch.tensor([1.0, 1.5, 2.0], dtype=torch.float64)
+    F1, J1 = jvp_tangent(net, x_t, t, dxt_dt, sigma_data=0.5, class_labels=labels, guidance=s)
+    F2, J2 = fd_tangent(net, x_t, t, dxt_dt, sigma_data=0.5, class_labels=labels, guidance=s, h=1e-5)
     assert torch.allclose(F1, F2, atol=1e-12)
     assert torch.allclose(J1, J2, atol=1e-7, rtol=1e-6), (J1 - J2).abs().max()
     assert J1.abs().max() > 1e-3
@@ -94,6 +96,10 @@ def test_conditioning_labels_null_label_and_guidance():
     assert torch.equal(out(class_labels=torch.tensor([4, 4])), out())  # index num_classes = no label = None
     assert not torch.allclose(out(class_labels=torch.tensor([0, 0])), out(class_labels=torch.tensor([1, 1])))
     assert torch.equal(out(guidance=torch.ones(2)), out())  # guidance defaults to s = 1
+    # The guidance embedding's gain starts at 0: a student copied from its teacher is the teacher at every s.
+    assert torch.equal(out(guidance=torch.full((2,), 2.0)), out())
+    with torch.no_grad():
+        net.emb_guidance_gain.fill_(1.0)
     assert not torch.allclose(out(guidance=torch.full((2,), 2.0)), out())
 
 

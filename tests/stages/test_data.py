@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torchvision.datasets.cifar
+import torchvision.datasets.mnist
 from PIL import Image
 
 from stages import data
@@ -237,6 +237,39 @@ def test_imagefolder_mixed_modes_resize_and_unlabelled(tmp_path: Path) -> None:
     assert y.tolist() == [-1] * len(y) and x.shape[1:] == (3, 4, 4)
 
 
+def test_center_crop_dhariwal_on_jpegs_of_mixed_sizes_and_aspect_ratios(tmp_path: Path) -> None:
+    """ImageNet's preprocessing (ADM, EDM2): box-halve while the short side is >= 2x the size, bicubic resize of the
+    short side to the size, centred square. A wide, a tall and a small JPEG; each compared with that recipe done by
+    hand on the decoded file, and the bilinear centre crop gives other pixels."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imagenet"
+    sizes = {"n01/wide.JPEG": (70, 37), "n01/tall.jpg": (23, 51), "n02/small.jpeg": (13, 11)}  # (width, height)
+    for name, (w, h) in sizes.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name, quality=90)
+    params = section("data", source="imagefolder", root=str(root), image_size=16, transform="center-crop-dhariwal",
+                     eval_fraction=0.34)
+    manifest = data.run(params, 0, tmp_path / "out")
+    assert manifest["shape"] == [3, 16, 16] and manifest["class_names"] == ["n01", "n02"]
+    images = torch.cat([load_split(tmp_path / "out", split)[0] for split in ("train", "eval")])
+
+    def by_hand(path: Path) -> np.ndarray:
+        im = Image.open(path).convert("RGB")
+        while min(im.size) >= 32:
+            im = im.resize((im.width // 2, im.height // 2), Image.Resampling.BOX)
+        k = 16 / min(im.size)
+        im = im.resize((round(im.width * k), round(im.height * k)), Image.Resampling.BICUBIC)
+        a = np.asarray(im)
+        y, x = (a.shape[0] - 16) // 2, (a.shape[1] - 16) // 2
+        return a[y:y + 16, x:x + 16].transpose(2, 0, 1)
+
+    expected = sorted(by_hand(root / name).tobytes() for name in sizes)
+    assert sorted(image.numpy().tobytes() for image in images) == expected
+    bilinear = data.run(section("data", source="imagefolder", root=str(root), image_size=16, eval_fraction=0.34), 0,
+                        tmp_path / "bilinear")
+    assert bilinear["sha256"] != manifest["sha256"]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # torchvision sources, from files in torchvision's on-disk format.
 
@@ -300,9 +333,6 @@ def fake_cifar10(root: Path, n_per_batch: int) -> dict[str, tuple[np.ndarray, li
 
 def test_cifar10_from_torchvision_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     batches = fake_cifar10(tmp_path / "raw", n_per_batch=4)
-    # torchvision's CIFAR10 compares each file's md5 with the real dataset's, which small fake files cannot match.
-    # Only that comparison is replaced, by an existence check; the loader still reads and parses every file itself.
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
     manifest = data.run(section("data", source="cifar10", root=str(tmp_path / "raw")), 0, tmp_path / "out")
     assert manifest["counts"] == {"train": 20, "eval": 4}
     assert manifest["shape"] == [3, 32, 32]
@@ -411,8 +441,15 @@ def test_torchvision_source_without_files(existing_out: Path, tmp_path: Path, mo
     def offline(*args: object, **kwargs: object) -> None:
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
-    assert_fails_cleanly(section("data", source="cifar10", root=str(tmp_path / "raw")), existing_out, "CIFAR10", "unreachable")
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
+    assert_fails_cleanly(section("data", source="mnist", root=str(tmp_path / "raw")), existing_out, "MNIST", "unreachable")
+    # CIFAR-10 downloads its archive through the project's verified fetch; a refused connection names the URL.
+    from study import datasets
+
+    monkeypatch.setattr(datasets, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    assert_fails_cleanly(section("data", source="cifar10", root=str(tmp_path / "raw")), existing_out,
+                         "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    assert not any((tmp_path / "raw").glob("*.tar.gz"))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -130,6 +130,39 @@ def test_pretrained_local_directory_converts_channels_and_size(tmp_path: Path) -
     assert Image.open(out / "recon_grid.png").size == (5 * 9 + 2, 2 * 9 + 2)  # 5 eval images: 5 originals over 5 recons
 
 
+def test_posterior_sample_stores_the_std_beside_the_mean_in_the_latents_units(tmp_path: Path) -> None:
+    """encode.posterior: sample keeps the latents of posterior: mean bit for bit and adds the posterior's std, scaled
+    by the same σ_d/σ_c (EDM2 stores mean and std and draws a latent at every use)."""
+    from study.latents import load_latents
+
+    tiny_vae(in_channels=3).save_pretrained(tmp_path / "vae")
+    prepared = write_prepared(tmp_path / "prepared", synthetic_images(20, 3, 8), n_eval=5)
+    runs = {mode: encode.run(section("encode", codec="pretrained", pretrained=str(tmp_path / "vae"), posterior=mode),
+                             BASE, prepared, tmp_path / mode) for mode in ("mean", "sample")}
+    mean, sample = load_file(tmp_path / "mean" / "latents.safetensors"), load_file(tmp_path / "sample" / "latents.safetensors")
+    assert "train_std" not in mean and torch.equal(mean["train"], sample["train"]) and torch.equal(mean["eval"], sample["eval"])
+    assert sample["train_std"].shape == sample["train"].shape and (sample["train_std"] > 0).all()
+    # Independently: the VAE's posterior std of the training images times σ_d/σ_c of the codec.
+    from diffusers import AutoencoderKL
+
+    codec = load_codec(tmp_path / "sample")
+    images = load_split_images(prepared, "train")
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    with torch.no_grad():
+        std = vae.encode(images.float() / 127.5 - 1).latent_dist.std
+    assert torch.allclose(sample["train_std"], std * (0.5 / codec.std).view(1, -1, 1, 1), rtol=1e-5, atol=1e-7)
+    assert load_latents(tmp_path / "sample").training_set("all")[2].shape == (20, 4, 4, 4)
+    assert runs["sample"]["recon_mse"] == runs["mean"]["recon_mse"]
+    with pytest.raises(StageError, match="encode.posterior: 'sample' needs a VAE"):
+        resolve(default_raw(), overrides={"encode": {"codec": "identity", "posterior": "sample"}})
+
+
+def load_split_images(prepared: Path, split: str) -> torch.Tensor:
+    from study.images import load_split
+
+    return load_split(prepared, split)[0]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Bad input: one line, nothing written.
 

@@ -45,6 +45,51 @@ def test_a_preset_recipe_trains_its_network_on_cpu(tmp_path: Path, profile: str,
     # The resolved per-scale values are what the stage trained with (the learning-rate column of its curve).
     lrs = [float(line.split(",")[4]) for line in out["distill"][2].read_text().splitlines()[1:]]
     assert max(lrs) <= p.distill.lr
+    # Class conditioning: the ImageNet presets' networks take the data's 10 classes; CIFAR-10's none.
+    assert networks.num_classes(net) == networks.num_classes(student) == (10 if p.base.conditional else 0)
+    assert networks.has_guidance_embedding(student) == (p.distill.guidance_max > 1)
+
+
+def test_the_imagenet512_recipe_is_class_conditional_and_guided_from_teacher_to_samples(tmp_path: Path):
+    """ImageNet 512's recipe end to end on CPU, shrunk in size only: a conditional teacher with label dropout, sCD
+    of its guided ODE at s ~ U[1, 2] into a student with a guidance input, and samples with per-seed labels and the
+    Table 6 guidance of each sampler (S: teacher 1.4, 1-step 1.5, 2-step 1.4)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from scm.samplers import labels_from_seeds
+    from stages import sample
+
+    latents = write_latents(tmp_path / "latents", shape=(3, 16, 16), n_train=8, n_eval=4)
+    p = load(REPO_ROOT / "params.yaml", "imagenet512-gpu",
+             SHRINK + ["base.scales=[S]", "sample.num_samples=4", "sample.seed_sets=1", "sample.teacher_steps=2",
+                       "sample.batch_size=4", "sample.grid_size=4", "evaluate.kid_subset_size=2"]).at("S")
+    assert (p.teacher.label_dropout, p.distill.guidance_max) == (0.1, 2.0)
+    dirs = {name: (tmp_path / name, tmp_path / f"{name}.json", tmp_path / f"{name}.csv") for name in ("teacher", "distill")}
+    teacher.run(p.teacher, p.base, "S", latents, *dirs["teacher"], progress=False)
+    distill.run(p.distill, p.base, "S", latents, dirs["teacher"][0], *dirs["distill"], progress=False)
+    student, meta = load_model(dirs["distill"][0])
+    assert networks.has_guidance_embedding(student) and meta["guidance_max"] == 2.0
+    assert student.emb_guidance_gain.item() != 0  # the guidance input was trained (it starts at 0)
+
+    info = sample.run(p.sample, p.base, "S", latents, dirs["teacher"][0], dirs["distill"][0], tmp_path / "samples",
+                      progress=False)
+    assert info["num_classes"] == 10 and info["guidance"] == {"teacher": 1.4, "scm1": 1.5, "scm2": 1.4}
+    stored = load_file(str(tmp_path / "samples" / "samples.safetensors"))
+    assert torch.equal(stored["labels_s0"], labels_from_seeds(stored["seeds_s0"].tolist(), 10))
+    assert json.loads((tmp_path / "samples" / "sampling.json").read_text())["guidance"]["scm1"] == 1.5
+
+    # `generate` (the exported pipeline) gives the stage's images of the same seeds: labels from the seeds, guidance.
+    from pipeline.generate import _labels
+    from study.export import build_pipeline
+
+    pipe = build_pipeline(dirs["distill"][0], latents, t_mid=p.sample.t_mid, name="student")
+    seeds = stored["seeds_s0"].tolist()
+    for steps, key, s in ((1, "scm1_s0", 1.5), (2, "scm2_s0", 1.4)):
+        images = pipe(seeds=seeds, num_inference_steps=steps, class_labels=_labels(None, seeds, 10), guidance_scale=s,
+                      output_type="pt").images
+        assert torch.equal(images, stored[key]), key
 
 
 def test_dropout_levels_reach_the_student():
@@ -57,3 +102,23 @@ def test_dropout_levels_reach_the_student():
     unet = networks.build(networks.network_config("cpu-xs", in_channels=3))
     with pytest.raises(Exception, match="distill.dropout_levels: dropout at chosen levels needs EDM2's U-Net"):
         distill.student_from_teacher(unet, 0.2, seed=0, levels=(1,))
+
+
+@pytest.mark.parametrize("scale", ["cpu-xs", "S"])
+def test_a_guided_student_starts_as_its_teacher_at_every_guidance_scale(scale: str):
+    torch.manual_seed(0)
+    net = networks.build(networks.network_config(scale, in_channels=3, num_classes=4, model_channels=8))
+    with torch.no_grad():
+        for p in net.parameters():  # non-zero outputs (the output layers start at zero)
+            p.add_(0.05 * torch.randn_like(p)) if p.ndim else p.fill_(1.0)
+    student = distill.student_from_teacher(net, 0.0, seed=0, guidance=True).eval()
+    assert networks.has_guidance_embedding(student) and not networks.has_guidance_embedding(net)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 1.2]), torch.tensor([1, 4])
+    with torch.no_grad():
+        expected = net.eval()(x, t, y)
+        assert expected.abs().max() > 0
+        for s in (1.0, 1.7, 2.0):
+            assert torch.equal(student(x, t, y, guidance=torch.full((2,), s)), expected)
+    ddpmpp = networks.build(networks.network_config("ddpmpp", in_channels=3, model_channels=8))
+    with pytest.raises(Exception, match="distill.guidance_max: a ddpmpp network has no guidance embedding"):
+        distill.student_from_teacher(ddpmpp, 0.0, seed=0, guidance=True)

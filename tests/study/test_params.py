@@ -157,14 +157,20 @@ def test_a_newline_in_an_error_cannot_forge_a_second_error_line(capsys):
 
 @pytest.mark.parametrize("profile", ["cifar10-gpu", "imagenet64-gpu", "imagenet512-gpu"])
 def test_the_gpu_presets_evaluate_with_the_papers_protocol(profile):
-    """FID on 50,000 samples against every prepared image, the minimum over 3 seed sets, the field's Inception on
-    every set (EDM, EDM2 and the sCM paper report it so); FD-DINOv2 where the paper reports it (ImageNet 512)."""
+    """FID on 50,000 samples against the whole training set, the minimum over 3 seed sets, the field's Inception on
+    every set (EDM, EDM2 and the sCM paper report it so); FD-DINOv2 where the paper reports it (ImageNet 512).
+
+    The training set: CIFAR-10's official train split (its test split, the eval split here, is never trained on);
+    ImageNet's training folder, all of it trained on (``base.train_split: all``) and all of it the reference."""
     p = resolve(default_raw(), profile=profile)
     assert (p.sample.num_samples, p.sample.seed_sets) == (50000, 3)
-    assert (p.evaluate.reference, p.evaluate.headline, p.evaluate.inception, p.evaluate.detector_seed_sets) == ("all", "min", "on", 0)
+    training_set = "train" if profile == "cifar10-gpu" else "all"
+    assert (p.evaluate.reference, p.base.train_split) == (training_set, training_set)
+    assert (p.evaluate.headline, p.evaluate.inception, p.evaluate.detector_seed_sets) == ("min", "on", 0)
     assert p.evaluate.dinov2 == ("on" if profile == "imagenet512-gpu" else "off")
     default = resolve(default_raw())
     assert (default.evaluate.reference, default.evaluate.headline, default.evaluate.inception) == ("eval", "mean", "off")
+    assert default.base.train_split == "train"  # the CPU default keeps its held-out split unseen
 
 
 def _git_project(tmp_path, text: str):
@@ -237,3 +243,29 @@ def test_optimiser_schedule_and_ema_keys_are_checked():
                             ("distill.dropout_levels=[-1]", "distill.dropout_levels: expected a value >= 0")]:
         with pytest.raises(StageError, match=named):
             resolve(raw, overrides=parse_overrides([override]))
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["teacher.label_dropout=0.1"], "teacher.label_dropout: needs class labels (base.conditional: true)"),
+    (["distill.guidance_max=2.0", "distill.method=scd"], "distill.guidance_max: classifier-free guidance needs class labels"),
+    (["base.conditional=true", "distill.guidance_max=2.0"], "distill.guidance_max: sCT takes no guidance"),
+    (["sample.teacher_guidance=1.4"], "sample.teacher_guidance: guidance needs class labels"),
+    (["base.conditional=true", "sample.guidance_1step=1.5"],
+     "sample.guidance_1step: expected a value <= distill.guidance_max = 1.0 (the student learns s in [1, guidance_max]), got 1.5"),
+    (["base.conditional=true", "distill.method=scd", "distill.guidance_max=2.0",
+      "sample.guidance_2step={cpu-xs: 1.2, cpu-s: 2.5}"], "sample.guidance_2step: expected a value <= distill.guidance_max = 2.0"),
+    (["sample.guidance_2step=0.5"], "sample.guidance_2step: expected a value >= 1.0, got 0.5"),
+    (["distill.guidance_max=0.9"], "distill.guidance_max: expected a value >= 1.0, got 0.9"),
+])
+def test_labels_and_guidance_settings_that_would_be_ignored_are_refused(overrides, named):
+    with pytest.raises(StageError) as e:
+        resolve(default_raw(), overrides=parse_overrides(overrides))
+    assert str(e.value).startswith(named), str(e.value)
+
+
+def test_sample_guidance_resolves_per_scale():
+    p = resolve(default_raw(), overrides=parse_overrides(
+        ["base.conditional=true", "distill.method=scd", "distill.guidance_max=2.0",
+         "sample.guidance_1step={cpu-xs: 1.5, cpu-s: 1.3}", "sample.teacher_guidance={cpu-xs: 1.4, cpu-s: 1.2}"]))
+    assert p.at("cpu-xs").sample.guidance_1step == 1.5 and p.at("cpu-s").sample.guidance_1step == 1.3
+    assert p.at("cpu-s").sample.teacher_guidance == 1.2 and p.at("cpu-s").sample.guidance_2step == 1.0

@@ -535,3 +535,81 @@ def test_train_refuses_unresolved_per_scale_settings():
                      objective=lambda net_dp, head_dp: loss_fn, optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
     with pytest.raises(ValueError, match=r"per-scale values \(steps\): resolve them with .at\(scale\)"):
         train(net, spec, data, progress=False)
+
+
+def test_labels_reach_the_objective_with_the_rows_of_their_micro_batch():
+    """With labels, every micro-batch gets the labels of its own rows and noise with c (drawn after u and eps, so the
+    first batch's u and eps are an unconditional run's); without, the objective is called as before."""
+    torch.manual_seed(0)
+    data = torch.randn(32, 3)
+    labels = torch.arange(32) % 5
+
+    def run(with_labels: bool) -> list[tuple[torch.Tensor, torch.Tensor | None, object]]:
+        torch.manual_seed(0)
+        net, seen = nn.Linear(3, 1), []
+
+        def loss_fn(step, x0, noise, *batch_labels):
+            seen.append((x0, batch_labels[0] if batch_labels else None, noise))
+            per_sample = (net(x0).squeeze(1) - x0.sum(1) - noise.eps.sum(1)).square()
+            return LossOutput(loss=per_sample.mean(), per_sample=per_sample.detach(), t=torch.zeros(len(x0)))
+
+        settings = section("teacher", steps=5, batch_size=8, lr=0.01, lr_warmup_steps=0, log_every=1,
+                           adaptive_weight=False, batch_per_device=4, max_nonfinite_steps=3)
+        spec = TrainSpec(name="linear", section="teacher", settings=settings, seed=0,
+                         objective=lambda net_dp, head_dp: loss_fn, optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+        train(net, spec, data, labels=labels if with_labels else None, progress=False)
+        return seen
+
+    unconditional, conditional = run(False), run(True)
+    assert all(y is None and noise.c is None for _, y, noise in unconditional)
+    assert len(conditional) == 10  # 5 steps of 2 micro-batches
+    for x0, y, noise in conditional:
+        rows = [int((data == row).all(1).nonzero()) for row in x0]
+        assert torch.equal(y, labels[rows]) and noise.c.shape == (4,)
+    assert torch.equal(conditional[0][0], unconditional[0][0])  # the same rows, and the same u and eps
+    assert torch.equal(conditional[0][2].u, unconditional[0][2].u) and torch.equal(conditional[0][2].eps, unconditional[0][2].eps)
+    with pytest.raises(ValueError, match="3 labels for 32 training samples"):
+        train(nn.Linear(3, 1), TrainSpec(name="linear", section="teacher", settings=section("teacher"), seed=0,
+                                         objective=lambda a, b: None, optimizer=torch.optim.SGD), data,
+              labels=labels[:3], progress=False)
+
+
+def test_the_number_of_classes_comes_from_the_codec_description_or_the_labels(tmp_path):
+    assert load_latents(write_latents(tmp_path / "a", n_train=8, n_eval=4)).num_classes == 10
+    assert load_latents(write_latents(tmp_path / "b", n_train=8, n_eval=4, num_classes=None)).num_classes == 8
+
+
+def test_the_training_set_is_the_train_split_or_every_image(tmp_path):
+    data = load_latents(write_latents(tmp_path / "l", n_train=8, n_eval=4))
+    x, y, std = data.training_set("train")
+    assert x is data.train and y is data.train_labels and std is None
+    x, y, std = data.training_set("all")
+    assert torch.equal(x, torch.cat([data.train, data.eval])) and torch.equal(y, torch.cat([data.train_labels, data.eval_labels]))
+
+
+def test_a_latent_is_drawn_from_its_posterior_at_every_use():
+    """x0 = mean + std·ε with a fresh ε at each use of an image: an image seen twice gives two latents, spread with
+    its std; a zero std gives the mean itself."""
+    data = torch.zeros(8, 2)
+    std = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]).view(8, 1).expand(8, 2).contiguous()
+    seen = []
+
+    def loss_fn(step, x0, noise):
+        seen.append(x0.clone())
+        per_sample = (net(x0).squeeze(1) - 1).square()
+        return LossOutput(loss=per_sample.mean(), per_sample=per_sample.detach(), t=torch.zeros(len(x0)))
+
+    net = nn.Linear(2, 1)
+    settings = section("teacher", steps=200, batch_size=8, lr=0.01, lr_warmup_steps=0, log_every=50,
+                       adaptive_weight=False, batch_per_device=0, max_nonfinite_steps=3)
+    spec = TrainSpec(name="linear", section="teacher", settings=settings, seed=0,
+                     objective=lambda net_dp, head_dp: loss_fn, optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    train(net, spec, data, posterior_std=std, progress=False)
+    x0 = torch.cat(seen)  # every row of data, 200 times, in each batch's order
+    zero = x0.abs().sum(1) == 0
+    assert zero.sum() == 4 * 200  # the rows with std 0 are their mean, every time
+    drawn = x0[~zero]
+    assert len(drawn.unique()) == drawn.numel()  # a new draw at each use
+    assert abs(drawn.std().item() - 1.0) < 0.05 and abs(drawn.mean().item()) < 0.05
+    with pytest.raises(ValueError, match="posterior std of shape"):
+        train(net, spec, data, posterior_std=std[:4], progress=False)

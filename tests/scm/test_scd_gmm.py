@@ -11,6 +11,7 @@ and run sCD (paper Alg. 1) with the exact velocity as dx_t/dt, and then check th
 
 import copy
 
+import pytest
 import torch
 
 from scm import ema
@@ -151,6 +152,7 @@ def _guided_run(use_cfg: bool) -> tuple[float, float]:
     return err_before, one_step_error(copy.deepcopy(average.net).eval())
 
 
+@pytest.mark.rehearsal  # minutes long: make rehearse (and CI), not make test
 def test_scd_with_guided_exact_teacher_learns_the_guided_pf_ode_map():
     """With CFG in the teacher, the student's 1-step map is the guided ODE's (RMS ≤ 0.07 at s = 2; measured 0.043;
     the teacher used as a 1-step sampler: 0.148); the same training with CFG dropped from the teacher misses it

@@ -21,6 +21,7 @@ SHRINK = ["base.device=cpu", "base.precision=fp32", "base.width=8", "base.checkp
           "distill.log_every=1", "distill.tangent_warmup_steps=2"]
 
 
+@pytest.mark.rehearsal  # each preset's recipe at its own scale (L, XXL): make rehearse (and CI), not make test
 @pytest.mark.parametrize("profile, scale, kind", [("imagenet64-gpu", "L", "mpunet"), ("imagenet512-gpu", "XXL", "mpunet"),
                                                    ("cifar10-gpu", "ddpmpp", "ddpmpp")])
 def test_a_preset_recipe_trains_its_network_on_cpu(tmp_path: Path, profile: str, scale: str, kind: str):
